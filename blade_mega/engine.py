@@ -1,0 +1,187 @@
+"""One model + its DeepSpeed ZeRO engine, stepped by Megatron's pipeline schedule.
+
+Megatron's ``get_forward_backward_func`` runs the micro-batches (1F1B across pipeline stages);
+DeepSpeed owns the optimizer state (ZeRO-1/2 sharded over the data-parallel group), the
+data-parallel gradient reduction and the checkpoint files.  A step is:
+schedule(forward+backward over micro-batches) -> ``allreduce_gradients()`` -> ``step()``.
+
+Losses are *weighted token sums* divided by a normaliser fixed before the step (the total weight
+of the global batch), so the gradient is the same for every TP/PP/DP layout and micro-batching.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from blade_mega.errors import UserError
+from blade_mega.parallel import MegatronMPU
+
+
+def deepspeed_config(*, micro_batch_size: int, dp: int, lr: float, zero_stage: int,
+                     weight_decay: float, clip_grad: float, bf16: bool,
+                     offload_optimizer: bool = False) -> dict:
+    """The DeepSpeed JSON config generated from Megatron-style flags.
+
+    ``gradient_accumulation_steps`` is 1: Megatron's schedule accumulates the micro-batches and
+    DeepSpeed sees one backward per step.
+    """
+    zero = {"stage": zero_stage, "contiguous_gradients": False, "overlap_comm": False,
+            "reduce_scatter": True}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    return {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        "train_batch_size": micro_batch_size * dp,
+        "optimizer": {"type": "AdamW", "params": {
+            "lr": lr, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": weight_decay,
+            "torch_adam": True, "adam_w_mode": True}},
+        "gradient_clipping": clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": bf16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def learning_rate(step: int, *, lr: float, min_lr: float, warmup_steps: int, total_steps: int
+                  ) -> float:
+    """Linear warm-up then cosine decay to ``min_lr``; a pure function of the step, so a resumed
+    run needs no scheduler state."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_learning_rate(engine, value: float) -> None:
+    for group in engine.optimizer.param_groups:
+        group["lr"] = value
+
+
+def check_zero_schedule(zero_stage: int, num_microbatches: int) -> None:
+    """ZeRO-2 reduce-scatters each gradient from a hook as soon as it is computed; under
+    Megatron's schedule a second micro-batch computes it again inside the same DeepSpeed step."""
+    if zero_stage >= 2 and num_microbatches > 1:
+        raise UserError(
+            f"ZeRO stage {zero_stage} needs one micro-batch per step under Megatron's pipeline "
+            f"schedule, but this layout runs {num_microbatches}; use --zero-stage 1, or set "
+            "--global-batch-size = --micro-batch-size x data-parallel size")
+    if zero_stage not in (0, 1, 2):
+        raise UserError(f"--zero-stage {zero_stage} is not supported; use 0, 1 or 2")
+
+
+def initialize_engine(model: torch.nn.Module, config: dict):
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=config, mpu=MegatronMPU())
+    return engine
+
+
+@dataclass
+class MicroBatch:
+    """Inputs of one micro-batch, identical on every rank of a model-parallel group."""
+    tokens: torch.Tensor        # [b, s] int64
+    labels: torch.Tensor        # [b, s] int64
+    weights: torch.Tensor       # [b, s] float32 per-token loss weights (0 = not trained on)
+    position_ids: torch.Tensor  # [b, s] int64
+
+
+def make_microbatch(samples: torch.Tensor, weights: Optional[torch.Tensor] = None) -> MicroBatch:
+    """``samples`` are [b, s+1] token windows; inputs are the first s, labels the last s."""
+    tokens = samples[:, :-1].contiguous()
+    labels = samples[:, 1:].contiguous()
+    if weights is None:
+        weights = torch.ones(labels.shape, dtype=torch.float32)
+    positions = torch.arange(tokens.size(1)).unsqueeze(0).expand_as(tokens).contiguous()
+    return MicroBatch(tokens, labels, weights, positions)
+
+
+@dataclass
+class StepLosses:
+    """What the last pipeline stage saw: weighted loss sums and, if asked, per-token losses."""
+    weighted_sum: float = 0.0
+    weight: float = 0.0
+    token_losses: list[torch.Tensor] = field(default_factory=list)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+class PipelineRunner:
+    """Runs forward(-backward) of one model over micro-batches with Megatron's schedule."""
+
+    def __init__(self, model: torch.nn.Module, seq_length: int, micro_batch_size: int):
+        self.model = model
+        self.seq_length = seq_length
+        self.micro_batch_size = micro_batch_size
+        self._schedule = get_forward_backward_func()
+
+    def run(self, microbatches: list[MicroBatch], *, forward_only: bool, normaliser: float = 1.0,
+            keep_token_losses: bool = False,
+            weight_fn: Optional[Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]] = None
+            ) -> StepLosses:
+        """``loss = sum(w * l) / normaliser`` summed over micro-batches (the schedule divides each
+        micro-batch loss by their count, so it is multiplied back here).
+
+        ``weight_fn(i, token_losses, weights)`` may replace micro-batch i's weights once its
+        per-token losses are known (token-level selection decides the mask there).
+        """
+        out = StepLosses()
+        device = _device()
+        n = len(microbatches)
+        dp = parallel_state.get_data_parallel_world_size()
+        # DeepSpeed averages gradients over DP; undo it so the objective is a sum over the batch.
+        scale = n * dp / normaliser
+        counter = iter(range(n))
+
+        def loss_func(index: int, weights: torch.Tensor, token_losses: torch.Tensor):
+            if weight_fn is not None:
+                weights = weight_fn(index, token_losses.detach(), weights)
+            weights = weights.to(token_losses.dtype)
+            weighted = (token_losses * weights).sum()
+            out.weighted_sum += weighted.item()
+            out.weight += weights.sum().item()
+            if keep_token_losses:
+                out.token_losses.append(token_losses.detach().float().cpu())
+            return weighted * scale, {}
+
+        def forward_step(data_iterator, model):
+            index = next(counter)
+            mb = next(data_iterator)
+            output = model(mb.tokens.to(device), mb.position_ids.to(device), None,
+                           labels=mb.labels.to(device))
+            return output, partial(loss_func, index, mb.weights.to(device))
+
+        with torch.no_grad() if forward_only else torch.enable_grad():
+            self._schedule(
+                forward_step_func=forward_step, data_iterator=iter(microbatches),
+                model=[self.model], num_microbatches=n, seq_length=self.seq_length,
+                micro_batch_size=self.micro_batch_size, forward_only=forward_only)
+        return out
+
+
+def broadcast_from_last_stage(tensor: Optional[torch.Tensor], shape, dtype=torch.float32
+                              ) -> torch.Tensor:
+    """Send a tensor computed on the last pipeline stage to every stage of this pipeline."""
+    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+        return tensor
+    if tensor is None:
+        tensor = torch.empty(shape, dtype=dtype, device=_device())
+    else:
+        tensor = tensor.to(_device(), dtype).contiguous()
+    torch.distributed.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                group=parallel_state.get_pipeline_model_parallel_group())
+    return tensor

@@ -1,0 +1,120 @@
+"""Process discovery, ``torch.distributed`` start-up and the TP/PP/DP layout.
+
+Ranks come from whichever launcher started us: torchrun and the deepspeed launcher set
+``RANK``/``WORLD_SIZE``; Slurm's ``srun`` sets ``SLURM_PROCID``/``SLURM_NTASKS``; mpiexec (MPICH,
+Open MPI) sets ``PMI_RANK``/``OMPI_COMM_WORLD_RANK``.  They are normalised to the torchrun
+variables, then DeepSpeed starts the process group (gloo on CPU, nccl on GPUs) and
+``megatron.core.parallel_state`` builds the groups.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state
+
+from blade_mega.cpu_compat import cuda_available
+from blade_mega.errors import UserError
+
+_LAUNCHER_VARS = (
+    # (launcher, rank, world size, local rank)
+    ("torchrun/deepspeed", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("slurm", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+    ("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+)
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    launcher: str
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def discover_process(env=os.environ) -> ProcessInfo:
+    """Which launcher started this process, and where it sits. A lone process is rank 0 of 1."""
+    for launcher, rank, world, local in _LAUNCHER_VARS:
+        if rank in env and world in env:
+            return ProcessInfo(launcher, int(env[rank]), int(env[world]), int(env.get(local, 0)))
+    return ProcessInfo("single", 0, 1, 0)
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+
+    @staticmethod
+    def from_world(world_size: int, tp: int, pp: int) -> "Layout":
+        if tp < 1 or pp < 1 or world_size % (tp * pp):
+            raise UserError(
+                f"world size {world_size} is not divisible by tensor-model-parallel-size {tp} x "
+                f"pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} ranks or change "
+                "the parallel sizes")
+        return Layout(tp, pp, world_size // (tp * pp))
+
+
+def init_distributed(tp: int, pp: int, timeout_minutes: float = 10.0) -> tuple[ProcessInfo, Layout]:
+    """Start the process group and Megatron's parallel groups. Collectives time out, so a dead
+    rank ends the job instead of hanging it."""
+    import deepspeed
+
+    proc = discover_process()
+    layout = Layout.from_world(proc.world_size, tp, pp)
+    os.environ.update(RANK=str(proc.rank), WORLD_SIZE=str(proc.world_size),
+                      LOCAL_RANK=str(proc.local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if cuda_available():
+        torch.cuda.set_device(proc.local_rank % torch.cuda.device_count())
+    backend = "nccl" if cuda_available() else "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+            timeout=datetime.timedelta(minutes=timeout_minutes))
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    return proc, layout
+
+
+def shutdown() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+class MegatronMPU:
+    """The ``mpu`` object DeepSpeed asks for, answered from ``megatron.core.parallel_state``.
+
+    DeepSpeed uses it to shard ZeRO state over the data-parallel group only, and to know which
+    ranks hold replicas of the same model-parallel shard.
+    """
+
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(
+        parallel_state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(
+        parallel_state.get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        return torch.distributed.get_rank(parallel_state.get_model_parallel_group())
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return torch.distributed.get_world_size(parallel_state.get_model_parallel_group())
+
+    get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
