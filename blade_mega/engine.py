@@ -173,6 +173,15 @@ class PipelineRunner:
         return out
 
 
+def global_loss(losses: StepLosses) -> tuple[float, float]:
+    """Sum the last stage's loss over data-parallel ranks and hand it to every pipeline stage."""
+    totals = torch.tensor([losses.weighted_sum, losses.weight], dtype=torch.float64,
+                          device=_device())
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+    totals = broadcast_from_last_stage(totals, (2,), torch.float64)
+    return float(totals[0]), float(totals[1])
+
+
 def broadcast_from_last_stage(tensor: Optional[torch.Tensor], shape, dtype=torch.float32
                               ) -> torch.Tensor:
     """Send a tensor computed on the last pipeline stage to every stage of this pipeline."""
@@ -185,3 +194,69 @@ def broadcast_from_last_stage(tensor: Optional[torch.Tensor], shape, dtype=torch
     torch.distributed.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                 group=parallel_state.get_pipeline_model_parallel_group())
     return tensor
+
+
+def split_microbatches(samples: torch.Tensor, micro_batch_size: int,
+                       weights: Optional[torch.Tensor] = None) -> list[MicroBatch]:
+    """[n, s+1] windows (and optional [n, s] weights) -> micro-batches of ``micro_batch_size``."""
+    if samples.size(0) % micro_batch_size:
+        raise ValueError(f"{samples.size(0)} samples do not split into micro-batches of "
+                         f"{micro_batch_size}")
+    out = []
+    for start in range(0, samples.size(0), micro_batch_size):
+        stop = start + micro_batch_size
+        out.append(make_microbatch(samples[start:stop],
+                                   None if weights is None else weights[start:stop]))
+    return out
+
+
+class ModelEngine:
+    """A GPT stage + its DeepSpeed engine: a training step, and per-token losses for scoring."""
+
+    def __init__(self, engine, seq_length: int, micro_batch_size: int):
+        self.engine = engine
+        self.module = engine.module
+        self.micro_batch_size = micro_batch_size
+        self.seq_length = seq_length
+        self.runner = PipelineRunner(engine.module, seq_length, micro_batch_size)
+
+    def train_step(self, microbatches: list[MicroBatch], normaliser: float, lr: float,
+                   weight_fn=None) -> tuple[tuple[float, float], bool]:
+        """One optimizer step. Returns the global (weighted loss sum, weight) and whether it was
+        finite; a non-finite step changes nothing (its gradients are dropped)."""
+        self.module.train()
+        set_learning_rate(self.engine, lr)
+        local = self.runner.run(microbatches, forward_only=False, normaliser=normaliser,
+                                weight_fn=weight_fn)
+        weighted, weight = global_loss(local)
+        finite = math.isfinite(weighted)
+        if finite:
+            self.engine.allreduce_gradients()
+            self.engine.step()
+        else:
+            for param in self.module.parameters():
+                param.grad = None
+        return (weighted, weight), finite
+
+    @torch.no_grad()
+    def token_losses(self, samples: torch.Tensor) -> torch.Tensor:
+        """Per-token losses [n, s] of ``samples`` [n, s+1], on every stage of the pipeline."""
+        self.module.eval()
+        out = self.runner.run(split_microbatches(samples, self.micro_batch_size),
+                              forward_only=True, keep_token_losses=True)
+        losses = torch.cat(out.token_losses) if out.token_losses else None
+        shape = (samples.size(0), samples.size(1) - 1)
+        return broadcast_from_last_stage(losses, shape).cpu()
+
+    @torch.no_grad()
+    def copy_weights_from(self, other: "ModelEngine") -> None:
+        """``self <- other`` exactly: module weights and DeepSpeed's fp32 master partitions."""
+        for mine, theirs in zip(self.module.parameters(), other.module.parameters()):
+            mine.copy_(theirs)
+        mine_fp32 = getattr(self.engine.optimizer, "single_partition_of_fp32_groups", None)
+        theirs_fp32 = getattr(other.engine.optimizer, "single_partition_of_fp32_groups", None)
+        if mine_fp32 is not None and theirs_fp32 is not None:
+            for mine, theirs in zip(mine_fp32, theirs_fp32):
+                mine.data.copy_(theirs.data)
+        elif mine_fp32 is not None:
+            self.engine.optimizer.refresh_fp32_params()

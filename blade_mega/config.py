@@ -1,0 +1,192 @@
+"""Command-line flags (Megatron-LM names), an optional YAML file under them, and validation.
+
+Precedence: built-in defaults < ``--config run.yaml`` < flags on the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Optional, Sequence
+
+from blade_mega.errors import UserError
+from blade_mega.model import PRESETS, ModelSize
+
+SELECTIONS = ("uniform", "highloss", "rho", "blade", "sketch-influence")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="blade-pretrain",
+        description="Pretrain a Megatron-Core GPT with DeepSpeed ZeRO and online data selection.")
+    p.add_argument("--config", help="YAML file of flag values (keys as flags, - or _); flags win")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and parallel layout, then exit")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--model-size", default="tiny", choices=sorted(PRESETS))
+    for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--ffn-hidden-size",
+                 "--max-position-embeddings"):
+        g.add_argument(flag, type=int, help="override the preset")
+    g.add_argument("--tokenizer-model", help="SentencePiece model; sets the vocab size")
+    g.add_argument("--vocab-size", type=int, help="vocab size when no --tokenizer-model is given")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GPUs)")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--zero-stage", type=int, default=1)
+    g.add_argument("--deepspeed-config", help="DeepSpeed JSON; replaces the generated one")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="collective timeout: a dead rank ends the job after this long")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=[], help="prefix, or 'w1 p1 w2 p2 ...'")
+    g.add_argument("--split", default="98,2", help="train,valid document shares of --data-path")
+    g.add_argument("--target-data-path", help="held-out target set V (indexed dataset prefix)")
+    g.add_argument("--seq-length", type=int, default=128)
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int, default=8)
+    g.add_argument("--seed", type=int, default=1234)
+
+    g = p.add_argument_group("training")
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--min-lr", type=float, default=1e-4)
+    g.add_argument("--lr-warmup-iters", type=int, default=10)
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--max-bad-steps", type=int, default=3,
+                   help="stop after this many consecutive non-finite losses")
+
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--eval-interval", type=int, default=50)
+    g.add_argument("--eval-iters", type=int, default=4)
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--log-file", help="JSON-lines log (default: <save>/log.jsonl)")
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save")
+    g.add_argument("--load")
+    g.add_argument("--save-interval", type=int, default=0)
+    g.add_argument("--keep-checkpoints", type=int, default=2)
+
+    g = p.add_argument_group("data selection")
+    g.add_argument("--selection", default="uniform", choices=SELECTIONS)
+    g.add_argument("--selection-granularity", default="sample", choices=("token", "sample"))
+    g.add_argument("--keep-ratio", type=float, default=None,
+                   help="gamma: kept share of tokens (token level, default 0.6) or of the "
+                        "candidate block (sample level, default 0.5)")
+    g.add_argument("--selection-warmup-steps", type=int, default=0,
+                   help="uniform steps before selection starts (and before blade's first sync)")
+    g.add_argument("--blade-sync-interval", type=int, default=20, help="T: steps between w <- u")
+    g.add_argument("--blade-ref-steps", type=int, default=4, help="K: reference steps per sync")
+    g.add_argument("--blade-lambda", type=float, default=0.5,
+                   help="weight of the selected training loss in the reference objective")
+    g.add_argument("--reference-model", default="same",
+                   help="'same' (learner's architecture) or a preset name for a proxy pair")
+    g.add_argument("--reference-offload", action="store_true",
+                   help="keep the reference's optimizer state in host memory (ZeRO-Offload)")
+    g.add_argument("--rho-ref-steps", type=int, default=None,
+                   help="rho's one-off reference training steps (default: blade's total budget)")
+    g.add_argument("--rho-ref-load", help="load rho's static reference weights from this file")
+    g.add_argument("--reweight-mix", type=float, default=0.0,
+                   help="share of each candidate block drawn by the sidecar's keep rates")
+    g.add_argument("--sidecar-dir", help="where the per-document sidecar lives "
+                                         "(default: <save>/sidecar, else next to the dataset)")
+    g.add_argument("--noise-labels", help="meta.jsonl with a 'noise' key per document, to log "
+                                          "the share of each noise type kept (demo corpus)")
+    g.add_argument("--sketch-dim", type=int, default=64)
+    g.add_argument("--selection-diversity", type=float, default=0.0)
+    return p
+
+
+def _dest(key: str) -> str:
+    return key.replace("-", "_")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    first, _ = parser.parse_known_args(argv)
+    if first.config:
+        parser.set_defaults(**load_yaml(first.config, parser))
+    args = parser.parse_args(argv)
+    validate(args)
+    return args
+
+
+def load_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
+    import yaml
+
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise UserError(f"{path}: cannot read config ({err.strerror}); check the --config path")
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: invalid YAML ({str(err).splitlines()[0]}); fix the file")
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a mapping of flag names to values")
+    known = {action.dest for action in parser._actions}
+    out = {}
+    for key, value in values.items():
+        dest = _dest(str(key))
+        if dest not in known or dest == "config":
+            raise UserError(f"{path}: unknown key '{key}'; use flag names, e.g. micro-batch-size")
+        out[dest] = value
+    return out
+
+
+def model_size(args: argparse.Namespace) -> ModelSize:
+    base = PRESETS[args.model_size]
+    fields = {name: getattr(args, name) for name in ModelSize.__dataclass_fields__
+              if getattr(args, name, None) is not None}
+    return ModelSize(**{**base.__dict__, **fields})
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Checks that need no process group. Layout-dependent ones run after launch."""
+    size = model_size(args)
+    if args.seq_length > size.max_position_embeddings:
+        raise UserError(f"--seq-length {args.seq_length} is above the model's "
+                        f"--max-position-embeddings {size.max_position_embeddings}; "
+                        "shorten the sequences or enlarge the model's positions")
+    if size.hidden_size % size.num_attention_heads:
+        raise UserError("--hidden-size must be divisible by --num-attention-heads")
+    if args.micro_batch_size < 1 or args.global_batch_size < 1:
+        raise UserError("--micro-batch-size and --global-batch-size must be positive")
+    if args.keep_ratio is None:
+        args.keep_ratio = 0.6 if args.selection_granularity == "token" else 0.5
+    if not 0.0 < args.keep_ratio <= 1.0:
+        raise UserError(f"--keep-ratio {args.keep_ratio} must be in (0, 1]")
+    if not 0.0 <= args.reweight_mix <= 1.0:
+        raise UserError(f"--reweight-mix {args.reweight_mix} must be in [0, 1]")
+    if args.selection in ("rho", "blade", "sketch-influence") and not args.target_data_path:
+        raise UserError(f"--selection {args.selection} needs --target-data-path (the held-out "
+                        "target set V as an indexed dataset prefix)")
+    if args.tokenizer_model is None and args.vocab_size is None:
+        raise UserError("give --tokenizer-model (a SentencePiece .model) or --vocab-size")
+    if args.tokenizer_model and not os.path.isfile(args.tokenizer_model):
+        raise UserError(f"{args.tokenizer_model}: tokenizer model not found; train one with "
+                        "tools/train_tokenizer.py")
+    try:
+        args.split_weights = tuple(float(x) for x in str(args.split).split(","))
+    except ValueError:
+        raise UserError(f"--split {args.split}: expected comma-separated numbers like 98,2")
+    if len(args.split_weights) < 2 or sum(args.split_weights[:2]) <= 0:
+        raise UserError(f"--split {args.split}: expected train,valid shares like 98,2")
+    args.split_weights = args.split_weights[:2]
+
+
+def check_layout(args: argparse.Namespace, dp: int) -> int:
+    """Batch arithmetic for this layout; returns micro-batches per step per DP rank."""
+    per_step = args.micro_batch_size * dp
+    if args.global_batch_size % per_step:
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                        f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}; "
+                        f"use a multiple of {per_step}")
+    return args.global_batch_size // per_step

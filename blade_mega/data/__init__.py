@@ -1,0 +1,1 @@
+"""Data pipeline: demo corpus, raw-text inputs, tokenisation into indexed datasets, inspection."""

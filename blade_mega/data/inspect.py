@@ -1,0 +1,165 @@
+"""Check and summarise a Megatron indexed dataset (`<prefix>.idx` + `<prefix>.bin`).
+
+`verify` reads the .idx header and arrays itself so that a damaged file gives a precise message
+instead of an assertion or a crash inside megatron.core; `summarize` then uses megatron.core's
+reader, the one training uses.
+"""
+
+import os
+import struct
+import warnings
+from typing import List, Optional
+
+import numpy
+
+from blade_mega.errors import UserError
+from blade_mega.tokenizer import Tokenizer
+
+with warnings.catch_warnings():  # megatron.core warns about optional GPU extensions on import
+    warnings.simplefilter("ignore")
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
+
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_VERSION = 1
+_HEADER = struct.Struct("<9sQBQQ")  # magic, version, dtype code, sequence count, document count
+
+
+def normalize_prefix(path: str) -> str:
+    """Accept `x`, `x.bin` or `x.idx` for the dataset at prefix `x`."""
+    for suffix in (".bin", ".idx"):
+        if path.endswith(suffix):
+            return path[: -len(suffix)]
+    return path
+
+
+def verify(prefix: str) -> None:
+    """Raise UserError describing the first inconsistency between `prefix`.idx and .bin."""
+    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+    for path in (idx_path, bin_path):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: file not found; check the dataset prefix")
+    with open(idx_path, "rb") as f:
+        header = f.read(_HEADER.size)
+    if len(header) < _HEADER.size:
+        raise UserError(f"{idx_path}: truncated header ({len(header)} bytes); re-run preprocessing")
+    magic, version, code, sequences, documents = _HEADER.unpack(header)
+    if magic != INDEX_MAGIC:
+        raise UserError(f"{idx_path}: wrong magic {magic!r}, not a Megatron indexed dataset index")
+    if version != INDEX_VERSION:
+        raise UserError(f"{idx_path}: unsupported index version {version} (expected {INDEX_VERSION})")
+    try:
+        itemsize = DType.size(code)
+    except ValueError:
+        raise UserError(f"{idx_path}: unknown dtype code {code}") from None
+
+    arrays_size = sequences * (4 + 8) + documents * 8
+    idx_size = os.path.getsize(idx_path)
+    # Multimodal datasets add one int8 mode per sequence.
+    if idx_size not in (_HEADER.size + arrays_size, _HEADER.size + arrays_size + sequences):
+        raise UserError(
+            f"{idx_path}: size {idx_size} bytes does not match its counts "
+            f"({sequences} sequences, {documents} document indices); file is truncated or damaged"
+        )
+    index = numpy.memmap(idx_path, mode="r", dtype=numpy.uint8)
+    lengths = numpy.frombuffer(index, numpy.int32, sequences, _HEADER.size)
+    pointers = numpy.frombuffer(index, numpy.int64, sequences, _HEADER.size + 4 * sequences)
+    doc_indices = numpy.frombuffer(index, numpy.int64, documents, _HEADER.size + 12 * sequences)
+
+    bin_size = os.path.getsize(bin_path)
+    if sequences:
+        if (lengths < 0).any():
+            raise UserError(f"{idx_path}: negative sequence length at sequence {_first(lengths < 0)}")
+        if (numpy.diff(pointers) < 0).any():
+            raise UserError(f"{idx_path}: sequence pointers decrease at sequence {_first(numpy.diff(pointers) < 0) + 1}")
+        ends = pointers + lengths.astype(numpy.int64) * itemsize
+        if (ends > bin_size).any():
+            bad = _first(ends > bin_size)
+            raise UserError(
+                f"{bin_path}: sequence {bad} ends at byte {ends[bad]} past the end of the file "
+                f"({bin_size} bytes); the .bin is truncated or does not belong to this .idx"
+            )
+    if documents == 0 or doc_indices[0] != 0:
+        raise UserError(f"{idx_path}: document index must start at 0")
+    if (numpy.diff(doc_indices) < 0).any():
+        raise UserError(f"{idx_path}: document indices decrease at document {_first(numpy.diff(doc_indices) < 0)}")
+    if doc_indices[-1] != sequences:
+        raise UserError(
+            f"{idx_path}: document indices end at {doc_indices[-1]}, expected {sequences} sequences"
+        )
+
+
+def _first(mask: numpy.ndarray) -> int:
+    return int(numpy.flatnonzero(mask)[0])
+
+
+def load(prefix: str) -> IndexedDataset:
+    """Verify, then open with megatron.core's reader."""
+    verify(prefix)
+    return IndexedDataset(prefix, multimodal=False, mmap=True)
+
+
+def length_histogram(lengths: numpy.ndarray, bins: int = 10) -> List[dict]:
+    """Document lengths in tokens, in equal-width bins: [{"low", "high", "count"}]."""
+    if lengths.size == 0:
+        return []
+    counts, edges = numpy.histogram(lengths, bins=bins)
+    return [
+        {"low": int(edges[i]), "high": int(edges[i + 1]), "count": int(counts[i])}
+        for i in range(len(counts))
+    ]
+
+
+def summarize(prefix: str, bins: int = 10) -> dict:
+    """Counts, dtype, token totals and the document-length histogram of the dataset."""
+    dataset = load(prefix)
+    doc_bounds = dataset.document_indices
+    seq_lengths = dataset.sequence_lengths.astype(numpy.int64)
+    cumulative = numpy.concatenate([[0], numpy.cumsum(seq_lengths)])
+    doc_lengths = cumulative[doc_bounds[1:]] - cumulative[doc_bounds[:-1]]
+    return {
+        "prefix": prefix,
+        "documents": int(len(doc_bounds) - 1),
+        "sequences": int(len(dataset)),
+        "tokens": int(seq_lengths.sum()),
+        "dtype": numpy.dtype(dataset.index.dtype).name,
+        "document_length": {
+            "min": int(doc_lengths.min()) if doc_lengths.size else 0,
+            "mean": float(doc_lengths.mean()) if doc_lengths.size else 0.0,
+            "max": int(doc_lengths.max()) if doc_lengths.size else 0,
+        },
+        "histogram": length_histogram(doc_lengths, bins),
+    }
+
+
+def format_summary(summary: dict, width: int = 40) -> str:
+    lines = [
+        f"dataset    {summary['prefix']}",
+        f"documents  {summary['documents']}",
+        f"sequences  {summary['sequences']}",
+        f"tokens     {summary['tokens']}",
+        f"dtype      {summary['dtype']}",
+        "doc length min {min} / mean {mean:.1f} / max {max} tokens".format(**summary["document_length"]),
+    ]
+    peak = max((b["count"] for b in summary["histogram"]), default=0)
+    for b in summary["histogram"]:
+        bar = "#" * (round(width * b["count"] / peak) if peak else 0)
+        lines.append(f"{b['low']:>8}-{b['high']:<8} {b['count']:>7} {bar}")
+    return "\n".join(lines)
+
+
+def document_tokens(prefix: str, index: int) -> numpy.ndarray:
+    """All tokens of document `index` (its sequences concatenated)."""
+    dataset = load(prefix)
+    count = len(dataset.document_indices) - 1
+    if not 0 <= index < count:
+        raise UserError(f"document {index} out of range; {prefix} has {count} documents (0..{count - 1})")
+    first, last = dataset.document_indices[index], dataset.document_indices[index + 1]
+    parts = [dataset[int(i)] for i in range(first, last)]
+    return numpy.concatenate(parts) if parts else numpy.array([], dtype=numpy.int64)
+
+
+def decode_document(prefix: str, index: int, tokenizer_model: Optional[str]) -> str:
+    if not tokenizer_model:
+        raise UserError("--decode needs --tokenizer-model")
+    tokenizer = Tokenizer.load(tokenizer_model)
+    return tokenizer.decode(document_tokens(prefix, index))

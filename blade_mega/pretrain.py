@@ -1,0 +1,279 @@
+"""Pretrain a Megatron-Core GPT under DeepSpeed ZeRO, with online data selection as a plug-in.
+
+One CPU process, the tiny model on the demo data (``make demo`` builds it under runs/demo/data)::
+
+    python -m blade_mega.pretrain --tokenizer-model runs/demo/data/tokenizer.model \\
+        --data-path runs/demo/data/pool_text_document \\
+        --target-data-path runs/demo/data/target_text_document \\
+        --selection blade --train-iters 50 --save runs/try
+
+Two ranks with tensor parallelism (torchrun; launch/ has deepspeed, Slurm and mpiexec scripts)::
+
+    torchrun --nproc_per_node 2 -m blade_mega.pretrain --tensor-model-parallel-size 2 ...
+
+Print the resolved configuration and parallel layout without training: add ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+import zlib
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from blade_mega import checkpoint, cpu_compat
+from blade_mega.config import check_layout, model_size, parse_args
+from blade_mega.errors import UserError, run_cli
+from blade_mega.metrics import MetricsLog, progress
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    run_cli(lambda: pretrain(parse_args(argv)))
+
+
+def vocab_size(args: argparse.Namespace) -> int:
+    if args.tokenizer_model:
+        from blade_mega.tokenizer import Tokenizer
+
+        return Tokenizer.load(args.tokenizer_model).vocab_size
+    return args.vocab_size
+
+
+def dry_run(args: argparse.Namespace) -> None:
+    from blade_mega.parallel import Layout, discover_process
+
+    proc = discover_process()
+    layout = Layout.from_world(proc.world_size, args.tensor_model_parallel_size,
+                               args.pipeline_model_parallel_size)
+    microbatches = check_layout(args, layout.dp)
+    if proc.rank == 0:
+        resolved = {k: v for k, v in vars(args).items() if k != "split_weights"}
+        print(json.dumps({"config": resolved, "model": model_size(args).__dict__,
+                          "launcher": proc.launcher, "world_size": proc.world_size,
+                          "layout": layout.__dict__, "microbatches_per_step": microbatches},
+                         indent=1, default=str))
+
+
+def pretrain(args: argparse.Namespace) -> int:
+    if args.dry_run:
+        dry_run(args)
+        return 0
+    from blade_mega import parallel
+
+    cpu_compat.install()
+    _, layout = parallel.init_distributed(args.tensor_model_parallel_size,
+                                          args.pipeline_model_parallel_size,
+                                          args.distributed_timeout_minutes)
+    try:
+        return Trainer(args, layout).train()
+    finally:
+        parallel.shutdown()
+
+
+class Trainer:
+    """Builds the parts, then runs the loop. Each part lives in its own module."""
+
+    def __init__(self, args: argparse.Namespace, layout):
+        from megatron.core import parallel_state, tensor_parallel
+
+        from blade_mega.data.sampler import CandidateBlockSampler
+        from blade_mega.data.samples import build_windows
+        from blade_mega.engine import check_zero_schedule
+        from blade_mega.selection import make_hook
+        from blade_mega.selection.base import ProcessGroups, SelectionContext
+        from blade_mega.selection.context import load_noise_labels, sidecars_for
+
+        self.args = args
+        self.layout = layout
+        self.num_microbatches = check_layout(args, layout.dp)
+        check_zero_schedule(args.zero_stage, self.num_microbatches)
+        self.rank = torch.distributed.get_rank()
+        self.vocab = vocab_size(args)
+        torch.manual_seed(args.seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+
+        self.train_data = build_windows(args.data_path, args.seq_length, args.seed,
+                                        args.split_weights, 0, self.vocab)
+        self.valid_data = build_windows(args.data_path, args.seq_length, args.seed,
+                                        args.split_weights, 1, self.vocab)
+        self.target_data = (build_windows([args.target_data_path], args.seq_length, args.seed,
+                                          None, 0, self.vocab)
+                            if args.target_data_path else None)
+        self.size = model_size(args)
+        self.learner = self.build_engine(self.size, False)
+        self.groups = ProcessGroups(
+            dp=parallel_state.get_data_parallel_group(),
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size(),
+            pp=parallel_state.get_pipeline_model_parallel_group(),
+            mp=parallel_state.get_model_parallel_group(),
+            is_last_stage=parallel_state.is_pipeline_last_stage())
+        sidecars = sidecars_for(self.train_data)
+        labels, names = load_noise_labels(args.noise_labels, self.train_data)
+        ctx = SelectionContext(args=args, learner=self.learner, train=self.train_data,
+                               target=self.target_data, groups=self.groups,
+                               build_engine=self.build_engine, learner_size=self.size,
+                               sidecars=sidecars, noise_labels=labels, noise_names=names)
+        self.hook = make_hook(args.selection, ctx)
+        self.sampler = CandidateBlockSampler(self.train_data, args.seed, args.reweight_mix,
+                                             sidecars)
+        self.log = MetricsLog(args.log_file or (os.path.join(args.save, "log.jsonl")
+                                                if args.save else None),
+                              args.tensorboard_dir, enabled=self.rank == 0)
+        self.iteration = 0
+        self.consumed = 0
+        self.bad_steps = 0
+
+    def build_engine(self, size, offload: bool):
+        from blade_mega.engine import ModelEngine, deepspeed_config, initialize_engine
+        from blade_mega.model import build_gpt, padded_vocab_size
+
+        args = self.args
+        vocab = padded_vocab_size(self.vocab, self.layout.tp, args.make_vocab_size_divisible_by)
+        model = build_gpt(size, vocab, seed=args.seed, bf16=args.bf16,
+                          init_std=args.init_method_std)
+        if args.deepspeed_config:
+            config = load_deepspeed_config(args.deepspeed_config)
+        else:
+            config = deepspeed_config(
+                micro_batch_size=args.micro_batch_size, dp=self.layout.dp, lr=args.lr,
+                zero_stage=args.zero_stage, weight_decay=args.weight_decay,
+                clip_grad=args.clip_grad, bf16=args.bf16, offload_optimizer=offload)
+        return ModelEngine(initialize_engine(model, config), args.seq_length,
+                           args.micro_batch_size)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def train(self) -> int:
+        from blade_mega.engine import learning_rate
+
+        args = self.args
+        if args.load:
+            self.load()
+        else:
+            self.hook.before_training()
+        bar = progress(self.rank == 0 and not args.no_progress, args.train_iters, self.iteration)
+        window: list[dict] = []
+        while self.iteration < args.train_iters:
+            step = self.iteration
+            started = time.perf_counter()
+            block = self.sampler.block(step, self.consumed, self.hook.block_size(step))
+            batch = self.hook.select(step, block.ids)
+            hook_time = time.perf_counter() - started
+            lr = learning_rate(step, lr=args.lr, min_lr=args.min_lr,
+                               warmup_steps=args.lr_warmup_iters, total_steps=args.train_iters)
+            losses, finite = self.learner.train_step(
+                self.hook.microbatches(batch), batch.normaliser, lr, batch.weight_fn)
+            if not finite:
+                self.on_bad_step(step)
+                continue
+            self.bad_steps = 0
+            after = time.perf_counter()
+            stats = self.hook.after_step(step, batch, lr)
+            hook_time += time.perf_counter() - after
+            self.iteration += 1
+            self.consumed += block.consumed
+            window.append({"loss": losses, "time": time.perf_counter() - started,
+                           "hook_time": hook_time, "stats": stats,
+                           "ids": zlib.crc32(np.ascontiguousarray(block.ids).tobytes())})
+            bar.update()
+            if self.iteration % args.log_interval == 0 or self.iteration == args.train_iters:
+                self.write_train_log(window, lr)
+                window = []
+            if args.eval_interval and (self.iteration % args.eval_interval == 0
+                                       or self.iteration == args.train_iters):
+                self.evaluate()
+            if args.save and args.save_interval and self.iteration % args.save_interval == 0:
+                self.save()
+        bar.close()
+        if args.save and (not args.save_interval or self.iteration % args.save_interval):
+            self.save()
+        self.log.close()
+        return 0
+
+    def on_bad_step(self, step: int) -> None:
+        self.bad_steps += 1
+        self.log.write({"kind": "bad_step", "iteration": step, "consecutive": self.bad_steps})
+        if self.bad_steps >= self.args.max_bad_steps:
+            if self.args.save and self.iteration > 0:
+                self.save()
+            raise UserError(f"{self.bad_steps} consecutive non-finite losses at iteration {step}"
+                            "; lower --lr or check the data. The last good state is saved in "
+                            f"{self.args.save or '(no --save given)'}")
+        # The same block again would fail again: move past it.
+        self.consumed += self.hook.block_size(step)
+
+    def write_train_log(self, window: list[dict], lr: float) -> None:
+        weighted = sum(w["loss"][0] for w in window)
+        weight = sum(w["loss"][1] for w in window)
+        seconds = sum(w["time"] for w in window)
+        tokens = len(window) * self.args.global_batch_size * self.args.seq_length
+        record = {"kind": "train", "iteration": self.iteration, "consumed": self.consumed,
+                  "loss": weighted / max(weight, 1e-12), "lr": lr,
+                  "step_time": seconds / len(window), "tokens_per_s": tokens / seconds,
+                  "hook_time_share": sum(w["hook_time"] for w in window) / seconds,
+                  "block_crcs": [w["ids"] for w in window]}
+        record.update(merge_stats([w["stats"] for w in window]))
+        self.log.write(record)
+
+    def evaluate(self) -> None:
+        from blade_mega.selection.context import eval_loss
+
+        args = self.args
+        count = args.eval_iters * args.global_batch_size
+        record = {"kind": "eval", "iteration": self.iteration,
+                  "valid_loss": eval_loss(self.learner, self.valid_data, count, self.groups)}
+        if self.target_data is not None:
+            record["target_loss"] = eval_loss(self.learner, self.target_data, count, self.groups)
+        for key in [k for k in record if k.endswith("_loss")]:
+            record[key.replace("_loss", "_ppl")] = math.exp(min(record[key], 50.0))
+        self.log.write(record)
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def run_state(self) -> dict:
+        return {"iteration": self.iteration, "consumed": self.consumed,
+                "hook": self.hook.state_dict(), "args": vars(self.args)}
+
+    def save(self) -> None:
+        directory = checkpoint.save(self.args.save, self.iteration, self.learner.engine,
+                                    self.run_state(), self.layout, self.hook,
+                                    self.args.keep_checkpoints)
+        self.log.write({"kind": "checkpoint", "iteration": self.iteration, "path": directory})
+
+    def load(self) -> None:
+        state = checkpoint.load(self.args.load, self.learner.engine, self.layout, self.hook)
+        self.iteration = state["iteration"]
+        self.consumed = state["consumed"]
+        self.hook.load_state_dict(state["hook"])
+        self.log.write({"kind": "resume", "iteration": self.iteration, "path": self.args.load})
+
+
+def merge_stats(stats: list[dict]) -> dict:
+    """Average each numeric selection statistic over the log window."""
+    merged: dict = {}
+    for key in {k for s in stats for k in s}:
+        values = [s[key] for s in stats if key in s]
+        if all(isinstance(v, (int, float)) for v in values):
+            merged[key] = float(np.mean(values))
+        elif all(isinstance(v, dict) for v in values):
+            merged[key] = merge_stats(values)
+    return merged
+
+
+def load_deepspeed_config(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as err:
+        raise UserError(f"{path}: cannot read DeepSpeed config ({err.strerror})")
+    except ValueError as err:
+        raise UserError(f"{path}: invalid JSON ({err}); fix the DeepSpeed config")
+
+
+if __name__ == "__main__":
+    main()

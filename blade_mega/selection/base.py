@@ -1,0 +1,127 @@
+"""The selection plug-in interface, and ``uniform`` (no selection) as its plainest plug-in.
+
+The loop calls a hook at fixed points, like OLMo-core's ``Callback(Stateful)``:
+
+    block = sampler.block(step, consumed, hook.block_size(step))   # candidate ids (global)
+    batch = hook.select(step, block.ids)    # this rank's samples + token weights
+    losses = learner.train_step(...)        # masked loss in Megatron's forward step
+    metrics = hook.after_step(step, batch, losses)   # reference sync/training, sidecar
+    hook.state_dict() / hook.load_state_dict()       # with every checkpoint
+
+A hook gets everything it needs in a ``SelectionContext``; process groups are passed in there,
+never looked up from globals inside the hook.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from blade_mega.data.samples import BlendedWindows
+from blade_mega.data.sidecar import Sidecar
+from blade_mega.engine import ModelEngine, split_microbatches
+from blade_mega.model import ModelSize
+
+
+@dataclass
+class ProcessGroups:
+    """The groups a hook communicates over, and this rank's place in them."""
+    dp: object
+    dp_rank: int
+    dp_size: int
+    pp: object
+    mp: object  # tensor x pipeline: one whole model replica
+    is_last_stage: bool
+
+
+@dataclass
+class SelectionContext:
+    args: argparse.Namespace
+    learner: ModelEngine
+    train: BlendedWindows
+    target: Optional[BlendedWindows]
+    groups: ProcessGroups
+    build_engine: Callable[[ModelSize, bool], ModelEngine]  # (size, offload) -> new model+engine
+    learner_size: ModelSize
+    sidecars: list[Sidecar]
+    noise_labels: Optional[np.ndarray] = None  # per document of train part 0, or None
+    noise_names: tuple[str, ...] = ()
+
+    @property
+    def global_batch(self) -> int:
+        return self.args.global_batch_size
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.args.seq_length
+
+
+@dataclass
+class TrainBatch:
+    """What this DP rank trains on in one step."""
+    ids: np.ndarray               # global sample ids, this rank's share
+    samples: torch.Tensor         # [n, s+1] token windows
+    weights: torch.Tensor         # [n, s] per-token loss weights (alpha)
+    normaliser: float             # total weight of the global batch (fixed before the step)
+    weight_fn: Optional[Callable] = None  # token level: decides weights from the learner's losses
+    candidates: Optional[np.ndarray] = None  # the whole block (global ids), when selecting
+    stats: dict = field(default_factory=dict)
+    chosen: dict = field(default_factory=dict)  # token level: micro-batch -> (mask, scores)
+
+
+class SelectionHook:
+    """``--selection uniform``: train on the block as read. Base class of every plug-in."""
+
+    name = "uniform"
+
+    def __init__(self, ctx: SelectionContext):
+        self.ctx = ctx
+        self.comm_bytes = 0  # bytes this hook sent through collectives in the last step
+
+    # -- the loop's call points -------------------------------------------------------------
+    def block_size(self, step: int) -> int:
+        return self.ctx.global_batch
+
+    def before_training(self) -> None:
+        """Once, after the learner exists and any checkpoint is loaded."""
+
+    def select(self, step: int, block_ids: np.ndarray) -> TrainBatch:
+        ids = self.local_share(block_ids)
+        samples = self.read(ids)
+        weights = torch.ones(samples.size(0), samples.size(1) - 1)
+        return TrainBatch(ids, samples, weights, self.uniform_normaliser())
+
+    def after_step(self, step: int, batch: TrainBatch, lr: float) -> dict:
+        return dict(batch.stats)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def save_engines(self, directory: str, tag: str) -> None:
+        """Save any extra model engines (references) into ``directory``."""
+
+    def load_engines(self, directory: str, tag: str) -> None:
+        pass
+
+    # -- helpers for plug-ins ----------------------------------------------------------------
+    def local_share(self, ids: np.ndarray) -> np.ndarray:
+        """This DP rank's contiguous share of a global id list."""
+        g = self.ctx.groups
+        per_rank = len(ids) // g.dp_size
+        return ids[g.dp_rank * per_rank:(g.dp_rank + 1) * per_rank]
+
+    def read(self, ids: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.stack([self.ctx.train.tokens(int(i)) for i in ids]))
+
+    def uniform_normaliser(self) -> float:
+        return float(self.ctx.global_batch * self.ctx.tokens_per_sample)
+
+    def microbatches(self, batch: TrainBatch):
+        return split_microbatches(batch.samples, self.ctx.args.micro_batch_size, batch.weights)

@@ -1,0 +1,63 @@
+"""What the loop builds for a selection hook: sidecars, demo noise labels, held-out losses."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+from blade_mega.data.samples import BlendedWindows
+from blade_mega.data.sidecar import Sidecar
+from blade_mega.errors import UserError
+
+
+def sidecars_for(windows: BlendedWindows) -> list[Sidecar]:
+    return [Sidecar(len(part.dataset.sequence_lengths)) for part in windows.parts]
+
+
+def load_noise_labels(path: Optional[str], windows: BlendedWindows
+                      ) -> tuple[Optional[np.ndarray], tuple[str, ...]]:
+    """Per-document noise type codes of the first dataset, from a preprocess ``meta.jsonl``."""
+    if not path:
+        return None, ()
+    num_docs = len(windows.parts[0].dataset.sequence_lengths)
+    names: list[str] = []
+    codes = []
+    try:
+        with open(path) as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    label = json.loads(line).get("noise", "clean")
+                except ValueError:
+                    raise UserError(f"{path}:{number}: invalid JSON; regenerate it with "
+                                    "tools/preprocess_data.py --meta-keys id,noise") from None
+                if label not in names:
+                    names.append(label)
+                codes.append(names.index(label))
+    except OSError as err:
+        raise UserError(f"{path}: cannot read noise labels ({err.strerror}); check --noise-labels")
+    if len(codes) != num_docs:
+        raise UserError(f"{path}: {len(codes)} labels for {num_docs} documents of "
+                        f"{windows.parts[0].prefix}; use the meta.jsonl written with that dataset")
+    return np.asarray(codes, dtype=np.int16), tuple(names)
+
+
+def eval_loss(learner, windows: BlendedWindows, count: int, groups) -> float:
+    """Mean token loss over a fixed set of ``count`` samples (the same at every evaluation)."""
+    per_rank_unit = groups.dp_size * learner.micro_batch_size
+    count = max(per_rank_unit, (count // per_rank_unit) * per_rank_unit)
+    ids = windows.ordered_ids(0, count)
+    per_rank = count // groups.dp_size
+    local = ids[groups.dp_rank * per_rank:(groups.dp_rank + 1) * per_rank]
+    samples = torch.from_numpy(np.stack([windows.tokens(int(i)) for i in local]))
+    losses = learner.token_losses(samples).double()
+    totals = torch.tensor([losses.sum().item(), float(losses.numel())], dtype=torch.float64)
+    torch.distributed.all_reduce(totals, group=groups.dp)
+    return float(totals[0] / totals[1])
+
+
+def sidecar_path(directory: str, prefix: str) -> str:
+    return os.path.join(directory, os.path.basename(prefix) + ".blade_sidecar.npy")

@@ -1,0 +1,309 @@
+"""Excess-loss selection: ``score = loss_u - loss_w``, keep the top share. highloss, rho, blade.
+
+The top-k is the linear-minimisation step of a memoryless randomized block-coordinate
+Frank-Wolfe: the candidate block is the random block, the kept set is the LMO vertex, and
+nothing about earlier selections is remembered (the sidecar only biases which blocks are drawn).
+
+* sample level: score a candidate block of ``global_batch / keep_ratio`` samples (forward-only
+  passes of u and w on each DP rank's share), all-gather one float per sample over DP, keep the
+  global top ``global_batch``; each DP rank then trains on its share of the kept samples.
+* token level: score the batch's tokens inside the learner's own training forward (the loss
+  function sees ``loss_u``; ``loss_w`` was computed before) and keep the top ``keep_ratio`` of
+  each micro-batch's tokens. Only the reference costs an extra forward.
+
+Ties are broken by global sample id (sample level) or position (token level). Non-finite scores
+are never kept and are counted; if a step has nothing scorable it trains uniformly and says so.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import numpy as np
+import torch
+
+from blade_mega.engine import broadcast_from_last_stage
+from blade_mega.selection.base import SelectionContext, SelectionHook, TrainBatch
+from blade_mega.selection.reference import Reference
+
+
+def top_k_samples(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k best finite scores, best first; ties go to the smaller global id."""
+    finite = np.isfinite(scores)
+    order = np.lexsort((ids, -np.where(finite, scores, -np.inf)))
+    order = order[finite[order]]
+    return order[:k]
+
+
+def top_k_token_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """0/1 mask of the k highest finite scores of ``scores`` (any shape); ties to earlier tokens."""
+    flat = scores.reshape(-1)
+    finite = torch.isfinite(flat)
+    keyed = torch.where(finite, flat, torch.full_like(flat, -math.inf))
+    order = torch.argsort(-keyed, stable=True)[:k]
+    mask = torch.zeros_like(flat)
+    mask[order] = 1.0
+    mask = mask * finite.to(mask.dtype)
+    return mask.view_as(scores)
+
+
+class ExcessLossSelector(SelectionHook):
+    """Base of highloss (no reference), rho (static reference) and blade (dynamic reference)."""
+
+    def __init__(self, ctx: SelectionContext, reference: Optional[Reference]):
+        super().__init__(ctx)
+        args = ctx.args
+        self.reference = reference
+        self.token_level = args.selection_granularity == "token"
+        self.keep_ratio = args.keep_ratio
+        self.warmup = args.selection_warmup_steps
+        self._last_batch = None  # (samples, weights, normaliser) of the latest step, for w
+        if not self.token_level:
+            block = self.block_size(self.warmup)
+            unit = ctx.groups.dp_size * args.micro_batch_size
+            if block % unit:
+                from blade_mega.errors import UserError
+
+                raise UserError(
+                    f"sample-level selection scores a block of {block} = --global-batch-size / "
+                    f"--keep-ratio samples, which must be a multiple of --micro-batch-size x "
+                    f"data-parallel size = {unit}; adjust --keep-ratio or the batch sizes")
+
+    # -- call points ---------------------------------------------------------------------------
+    def block_size(self, step: int) -> int:
+        if self.token_level or step < self.warmup:
+            return self.ctx.global_batch
+        return int(round(self.ctx.global_batch / self.keep_ratio))
+
+    def select(self, step: int, block_ids: np.ndarray) -> TrainBatch:
+        if step < self.warmup:
+            return super().select(step, block_ids)
+        if self.reference is not None and self.reference.due(step, self.warmup):
+            self.reference.sync_and_train(self.ctx.learner, self._reference_lr(), self._last_batch)
+        if self.token_level:
+            return self._select_tokens(block_ids)
+        return self._select_samples(block_ids)
+
+    def after_step(self, step: int, batch: TrainBatch, lr: float) -> dict:
+        self._lr = lr
+        self._last_batch = (batch.samples, batch.weights, batch.normaliser)
+        if step < self.warmup:
+            return {"selecting": 0.0}
+        if self.token_level:
+            self._finish_token_step(batch)
+        stats = dict(batch.stats, selecting=1.0, hook_comm_bytes=float(self.comm_bytes))
+        if self.reference is not None:
+            stats["ref_divergence"] = self.reference.last_divergence
+            stats["ref_syncs"] = float(self.reference.syncs)
+        self.comm_bytes = 0
+        return stats
+
+    def _reference_lr(self) -> float:
+        return getattr(self, "_lr", self.ctx.args.lr)
+
+    # -- scoring ---------------------------------------------------------------------------
+    def _excess(self, samples: torch.Tensor, learner_losses: torch.Tensor) -> torch.Tensor:
+        if self.reference is None:
+            return learner_losses
+        return learner_losses - self.reference.token_losses(samples)
+
+    def sample_scores(self, block_ids: np.ndarray) -> np.ndarray:
+        """Mean excess loss of every sample in the block, on every rank (block order)."""
+        local_ids = self.local_share(block_ids)
+        samples = self.read(local_ids)
+        excess = self._excess(samples, self.ctx.learner.token_losses(samples)).mean(dim=1)
+        return self.all_gather_dp(excess.float())
+
+    def all_gather_dp(self, local: torch.Tensor) -> np.ndarray:
+        g = self.ctx.groups
+        if g.dp_size == 1:
+            return local.numpy().copy()
+        parts = [torch.empty_like(local) for _ in range(g.dp_size)]
+        torch.distributed.all_gather(parts, local.contiguous(), group=g.dp)
+        self.comm_bytes += local.numel() * local.element_size() * (g.dp_size - 1)
+        return torch.cat(parts).numpy()
+
+    # -- sample level ----------------------------------------------------------------------
+    def _select_samples(self, block_ids: np.ndarray) -> TrainBatch:
+        ctx = self.ctx
+        scores = self.sample_scores(block_ids)
+        keep = top_k_samples(scores, block_ids, ctx.global_batch)
+        stats = {"nonfinite_scores": float((~np.isfinite(scores)).sum())}
+        if len(keep) < ctx.global_batch:
+            warnings.warn(f"only {len(keep)} finite scores in a block of {len(block_ids)}; "
+                          "training on the block uniformly this step")
+            keep = np.arange(ctx.global_batch)
+            stats["uniform_fallback"] = 1.0
+        kept_mask = np.zeros(len(block_ids), dtype=bool)
+        kept_mask[keep] = True
+        stats.update(self._selection_stats(block_ids, kept_mask.astype(np.float64), scores))
+        self._update_sidecars(block_ids, kept_mask, scores)
+        ids = self.local_share(block_ids[keep])
+        samples = self.read(ids)
+        weights = torch.ones(samples.size(0), samples.size(1) - 1)
+        return TrainBatch(ids, samples, weights, self.uniform_normaliser(), stats=stats)
+
+    # -- token level -----------------------------------------------------------------------
+    def _select_tokens(self, block_ids: np.ndarray) -> TrainBatch:
+        ctx = self.ctx
+        ids = self.local_share(block_ids)
+        samples = self.read(ids)
+        reference_losses = (self.reference.token_losses(samples)
+                            if self.reference is not None else None)
+        micro = ctx.args.micro_batch_size
+        k = int(round(self.keep_ratio * micro * ctx.tokens_per_sample))
+        chosen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def weight_fn(index: int, learner_losses: torch.Tensor, weights: torch.Tensor):
+            excess = learner_losses.cpu()
+            if reference_losses is not None:
+                excess = excess - reference_losses[index * micro:(index + 1) * micro]
+            mask = top_k_token_mask(excess, k)
+            chosen[index] = (mask, excess)
+            return weights * mask.to(weights.device, weights.dtype)
+
+        normaliser = float((ctx.global_batch // micro) * k)
+        batch = TrainBatch(ids, samples, torch.ones(samples.size(0), samples.size(1) - 1),
+                           normaliser, weight_fn=weight_fn, candidates=block_ids)
+        batch.chosen = chosen
+        return batch
+
+    def _finish_token_step(self, batch: TrainBatch) -> None:
+        """Masks exist on the last stage only: share per-sample summaries with every rank."""
+        ctx = self.ctx
+        n = batch.samples.size(0)
+        summary = None
+        if ctx.groups.is_last_stage:
+            order = sorted(batch.chosen)
+            masks = torch.cat([batch.chosen[i][0] for i in order])
+            excess = torch.cat([batch.chosen[i][1] for i in order])
+            batch.weights = masks  # alpha of this step, for the reference's L_train
+            finite = torch.isfinite(excess)
+            safe = torch.where(finite, excess, torch.zeros_like(excess))
+            summary = torch.stack([
+                masks.mean(1),                                    # kept share of the sample
+                safe.sum(1) / finite.sum(1).clamp(min=1),         # its mean finite excess
+                (~finite).sum(1).float(),                         # non-finite token scores
+                (safe * masks).sum(1), masks.sum(1),              # kept excess sum, kept count
+            ], dim=1).float()
+        summary = broadcast_from_last_stage(summary, (n, 5)).cpu()
+        if ctx.args.pipeline_model_parallel_size > 1:
+            self.comm_bytes += summary.numel() * 4
+        gathered = self.all_gather_dp(summary.reshape(-1)).reshape(-1, 5)
+        all_ids = batch.candidates  # DP shares are contiguous, so gathered rows follow the block
+        kept_share, mean_excess = gathered[:, 0], gathered[:, 1]
+        kept_excess = gathered[:, 3].sum() / max(gathered[:, 4].sum(), 1.0)
+        dropped_count = gathered[:, 0].size * ctx.tokens_per_sample - gathered[:, 4].sum()
+        total_excess = (gathered[:, 1] * ctx.tokens_per_sample).sum()
+        dropped_excess = (total_excess - gathered[:, 3].sum()) / max(dropped_count, 1.0)
+        batch.stats.update(self._selection_stats(all_ids, kept_share, mean_excess))
+        batch.stats.update(excess_kept=float(kept_excess), excess_dropped=float(dropped_excess),
+                           nonfinite_scores=float(gathered[:, 2].sum()))
+        self._update_sidecars(all_ids, kept_share >= 0.5, mean_excess)
+
+    # -- bookkeeping -----------------------------------------------------------------------
+    def _selection_stats(self, ids: np.ndarray, kept: np.ndarray, scores: np.ndarray) -> dict:
+        """kept: kept share per sample (0/1 at sample level). Scores: mean excess per sample."""
+        finite = np.isfinite(scores)
+        stats = {"kept_fraction": float(kept.mean())}
+        if not self.token_level:
+            hit, miss = (kept > 0) & finite, (kept == 0) & finite
+            stats["excess_kept"] = float(scores[hit].mean()) if hit.any() else float("nan")
+            stats["excess_dropped"] = float(scores[miss].mean()) if miss.any() else float("nan")
+        labels = self._noise_labels(ids)
+        if labels is not None:
+            trained = kept.sum()
+            kept_by_type, share_by_type = {}, {}
+            for code, name in enumerate(self.ctx.noise_names):
+                of_type = labels == code
+                if of_type.any():
+                    kept_by_type[name] = float(kept[of_type].mean())
+                share_by_type[name] = float(kept[of_type].sum() / trained) if trained else 0.0
+            stats["noise_kept_rate"] = kept_by_type
+            stats["trained_share"] = share_by_type
+        return stats
+
+    def _noise_labels(self, ids: np.ndarray) -> Optional[np.ndarray]:
+        if self.ctx.noise_labels is None:
+            return None
+        labels = np.full(len(ids), -1, dtype=np.int64)
+        for part, where, documents in self.ctx.train.main_documents(ids):
+            if part == 0:
+                labels[where] = self.ctx.noise_labels[documents]
+        return labels
+
+    def _update_sidecars(self, ids: np.ndarray, kept: np.ndarray, scores: np.ndarray) -> None:
+        for part, where, documents in self.ctx.train.main_documents(ids):
+            self.ctx.sidecars[part].update(documents, kept[where], scores[where])
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = {"sidecars": [s.table.copy() for s in self.ctx.sidecars],
+                 "last_batch": self._last_batch, "lr": getattr(self, "_lr", None)}
+        if self.reference is not None:
+            state["reference"] = self.reference.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        for sidecar, table in zip(self.ctx.sidecars, state["sidecars"]):
+            sidecar.table[:] = table
+        self._last_batch = state["last_batch"]
+        if state.get("lr") is not None:
+            self._lr = state["lr"]
+        if self.reference is not None:
+            self.reference.load_state_dict(state["reference"])
+
+    def save_engines(self, directory: str, tag: str) -> None:
+        from blade_mega.selection.context import sidecar_path
+
+        if self.reference is not None:
+            self.reference.save(directory)
+        if torch.distributed.get_rank() == 0:
+            for part, sidecar in zip(self.ctx.train.parts, self.ctx.sidecars):
+                sidecar.save(sidecar_path(directory, part.prefix))
+
+    def load_engines(self, directory: str, tag: str) -> None:
+        if self.reference is not None:
+            self.reference.load(directory)
+
+
+class HighLossSelector(ExcessLossSelector):
+    """``--selection highloss``: keep what the learner finds hardest (no reference)."""
+    name = "highloss"
+
+    def __init__(self, ctx: SelectionContext):
+        super().__init__(ctx, None)
+
+
+class RhoSelector(ExcessLossSelector):
+    """``--selection rho``: RHO-LOSS / Rho-1 with a static reference trained once on V."""
+    name = "rho"
+
+    def __init__(self, ctx: SelectionContext):
+        args = ctx.args
+        steps = args.rho_ref_steps
+        if steps is None:  # blade's reference-step budget over the same run
+            syncs = math.ceil(max(0, args.train_iters - args.selection_warmup_steps)
+                              / args.blade_sync_interval)
+            steps = syncs * args.blade_ref_steps
+        reference = Reference(ctx, sync_interval=math.inf, steps_per_sync=steps, lam=0.0,
+                              offload=args.reference_offload)
+        super().__init__(ctx, reference)
+        if args.rho_ref_load:
+            reference.load_weights_only(args.rho_ref_load)
+            reference.copy_on_sync = False
+            reference.steps_per_sync = 0
+
+
+class BladeSelector(ExcessLossSelector):
+    """``--selection blade``: dynamic reference re-synchronised every T steps."""
+    name = "blade"
+
+    def __init__(self, ctx: SelectionContext):
+        args = ctx.args
+        reference = Reference(ctx, sync_interval=args.blade_sync_interval,
+                              steps_per_sync=args.blade_ref_steps, lam=args.blade_lambda,
+                              offload=args.reference_offload)
+        super().__init__(ctx, reference)

@@ -1,0 +1,116 @@
+"""The reference model ``w`` of excess-loss selection, and the one rule that moves it.
+
+Every ``sync_interval`` steps (from the end of warm-up): ``w <- u`` exactly, then
+``steps_per_sync`` optimizer steps on ``L_V(w) + lam * L_train(alpha, w)`` (held-out target loss
+plus the alpha-weighted loss of the learner's latest batch); frozen in between.
+
+* BLADE: a dynamic reference, (T, K, lambda) from the flags.
+* RHO-LOSS / Rho-1: the same rule with one sync and lambda = 0: a static reference trained on V
+  once, never updated again.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+
+from blade_mega.engine import ModelEngine, split_microbatches
+from blade_mega.errors import UserError
+
+
+class Reference:
+    def __init__(self, ctx, *, sync_interval: float, steps_per_sync: int, lam: float,
+                 offload: bool = False):
+        if ctx.target is None:
+            raise UserError("the reference model needs --target-data-path")
+        self.ctx = ctx
+        self.sync_interval = sync_interval
+        self.steps_per_sync = steps_per_sync
+        self.lam = lam
+        self.model: ModelEngine = ctx.build_engine(ctx.learner_size, offload)
+        self.target_consumed = 0   # reading position in V
+        self.syncs = 0
+        self.steps_trained = 0
+        self.last_divergence = float("nan")
+        self.copy_on_sync = True  # False when the weights were loaded (--rho-ref-load)
+
+    def due(self, step: int, warmup: int) -> bool:
+        if step < warmup:
+            return False
+        since = step - warmup
+        return since == 0 if math.isinf(self.sync_interval) else since % self.sync_interval == 0
+
+    def token_losses(self, samples: torch.Tensor) -> torch.Tensor:
+        return self.model.token_losses(samples)
+
+    def sync_and_train(self, learner: ModelEngine, lr: float,
+                       last_batch: Optional[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """``w <- u``, then K steps. ``last_batch`` = (samples, alpha weights, normaliser)."""
+        self.last_divergence = self.divergence(learner)
+        if self.copy_on_sync:
+            self.model.copy_weights_from(learner)
+        for _ in range(self.steps_per_sync):
+            self._train_step(lr, last_batch)
+        self.syncs += 1
+
+    def _train_step(self, lr: float, last_batch) -> None:
+        ctx = self.ctx
+        count = ctx.global_batch
+        target_ids = ctx.target.ordered_ids(self.target_consumed, count)
+        self.target_consumed += count
+        per_rank = count // ctx.groups.dp_size
+        local = target_ids[ctx.groups.dp_rank * per_rank:(ctx.groups.dp_rank + 1) * per_rank]
+        target_samples = torch.from_numpy(np.stack([ctx.target.tokens(int(i)) for i in local]))
+        target_tokens = float(count * ctx.tokens_per_sample)
+        micro = split_microbatches(target_samples, ctx.args.micro_batch_size)
+        if self.lam > 0 and last_batch is not None:
+            samples, weights, normaliser = last_batch
+            # Scale so that the step minimises L_V + lam * L_train with one shared normaliser.
+            scaled = weights * (self.lam * target_tokens / normaliser)
+            micro += split_microbatches(samples, ctx.args.micro_batch_size, scaled)
+        self.model.train_step(micro, target_tokens, lr)
+        self.steps_trained += 1
+
+    @torch.no_grad()
+    def divergence(self, learner: ModelEngine) -> float:
+        """||u - w|| / ||u|| over the whole model (summed over TP shards and PP stages)."""
+        sums = torch.zeros(2, dtype=torch.float64)
+        for u, w in zip(learner.module.parameters(), self.model.module.parameters()):
+            sums[0] += (u.detach().double() - w.detach().double()).pow(2).sum().cpu()
+            sums[1] += u.detach().double().pow(2).sum().cpu()
+        torch.distributed.all_reduce(sums, group=self.ctx.groups.mp)
+        return float(torch.sqrt(sums[0] / sums[1]))
+
+    def state_dict(self) -> dict:
+        return {"target_consumed": self.target_consumed, "syncs": self.syncs,
+                "steps_trained": self.steps_trained}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target_consumed = state["target_consumed"]
+        self.syncs = state["syncs"]
+        self.steps_trained = state["steps_trained"]
+
+    def save(self, directory: str) -> None:
+        self.model.engine.save_checkpoint(directory, tag="reference", save_latest=False)
+
+    def load(self, directory: str) -> None:
+        path, _ = self.model.engine.load_checkpoint(directory, tag="reference",
+                                                    load_optimizer_states=True,
+                                                    load_lr_scheduler_states=False)
+        if path is None:
+            raise UserError(f"{os.path.join(directory, 'reference')}: reference checkpoint "
+                            "could not be loaded; it is missing or from another layout")
+
+    def load_weights_only(self, directory: str) -> None:
+        """``--rho-ref-load``: take a saved reference's weights, not its optimizer state."""
+        path, _ = self.model.engine.load_checkpoint(directory, tag="reference",
+                                                    load_module_only=True,
+                                                    load_optimizer_states=False,
+                                                    load_lr_scheduler_states=False)
+        if path is None:
+            raise UserError(f"{directory}: no reference/ checkpoint to load for --rho-ref-load; "
+                            "point it at a checkpoint directory of a rho or blade run")
