@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-iters", type=int, default=10)
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--exit-interval", type=int, default=0,
+                   help="stop (and save) once the iteration is a multiple of this")
     g.add_argument("--max-bad-steps", type=int, default=3,
                    help="stop after this many consecutive non-finite losses")
 

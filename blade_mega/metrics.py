@@ -50,7 +50,7 @@ class MetricsLog:
 
 def _plain(value):
     if isinstance(value, float):
-        return round(value, 6) if math.isfinite(value) else str(value)
+        return value if math.isfinite(value) else str(value)
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value

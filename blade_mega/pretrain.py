@@ -190,6 +190,8 @@ class Trainer:
                 self.evaluate()
             if args.save and args.save_interval and self.iteration % args.save_interval == 0:
                 self.save()
+            if args.exit_interval and self.iteration % args.exit_interval == 0:
+                break
         bar.close()
         if args.save and (not args.save_interval or self.iteration % args.save_interval):
             self.save()

@@ -229,8 +229,9 @@ def preprocess(
 
     writers: Dict[str, DatasetWriter] = {}
     summary = PreprocessSummary(0, 0, 0, 0, 0.0)
-    progress = tqdm(
-        unit="doc", file=sys.stderr, disable=not show_progress, miniters=log_interval, mininterval=0
+    progress = tqdm(  # disable=None: shown only when stderr is a terminal
+        unit="doc", file=sys.stderr, disable=None if show_progress else True,
+        miniters=log_interval, mininterval=0,
     )
     try:
         for key in json_keys:

@@ -1,0 +1,84 @@
+"""Run a function on N real gloo ranks from inside one pytest (or bench) process.
+
+Each rank is a spawned process with the torchrun environment variables set, so the code under
+test discovers its rank exactly as in a real launch.  A failure on any rank re-raises here with
+that rank's traceback; a hang ends at ``timeout`` with the ranks killed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue as queue_module
+import socket
+import traceback
+from typing import Any, Callable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_entry(fn, rank: int, world_size: int, port: int, results, args, kwargs) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    import warnings
+
+    warnings.simplefilter("ignore")
+    try:
+        results.put((rank, True, fn(*args, **kwargs)))
+    except BaseException:  # report every failure, SystemExit included
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: float = 600,
+                    **kwargs) -> list[Any]:
+    """``fn(*args, **kwargs)`` on ranks 0..world_size-1; returns their results in rank order."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_rank_entry,
+                         args=(fn, rank, world_size, port, results, args, kwargs), daemon=True)
+             for rank in range(world_size)]
+    for proc in procs:
+        proc.start()
+    outcomes: dict[int, tuple[bool, Any]] = {}
+    try:
+        while len(outcomes) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=timeout)
+            except queue_module.Empty:
+                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(outcomes))} "
+                                   f"did not finish within {timeout} s") from None
+            outcomes[rank] = (ok, value)
+            if not ok:
+                break  # the others may now hang in a collective
+    finally:
+        for proc in procs:
+            proc.join(timeout=5 if len(outcomes) == world_size else 0.1)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+    failed = {rank: value for rank, (ok, value) in outcomes.items() if not ok}
+    if failed:
+        rank = min(failed)
+        raise RuntimeError(f"rank {rank} of {world_size} failed:\n{failed[rank]}")
+    return [outcomes[rank][1] for rank in range(world_size)]
+
+
+def pretrain_rank(argv: list[str]) -> list[dict]:
+    """One rank of ``blade-pretrain argv``; rank 0 returns the run's JSON log records."""
+    import json
+
+    from blade_mega.config import parse_args
+    from blade_mega.pretrain import pretrain
+
+    args = parse_args(argv)
+    pretrain(args)
+    if os.environ.get("RANK", "0") != "0" or not args.log_file:
+        return []
+    with open(args.log_file) as f:
+        return [json.loads(line) for line in f]
