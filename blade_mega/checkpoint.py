@@ -16,7 +16,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Optional
+import zlib
+from typing import Callable, Optional
 
 import torch
 from megatron.core import tensor_parallel
@@ -60,26 +61,72 @@ def save(save_dir: str, iteration: int, engine, run_state: dict, layout: Layout,
     if rank == 0 and os.path.isdir(directory):
         shutil.rmtree(directory)  # a stale, incomplete attempt at this tag
     _barrier()
-    engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
-    if hook is not None:
-        hook.save_engines(directory, tag)
-    state_path = os.path.join(directory, f"run_state_rank{rank:05d}.pt")
-    torch.save({**run_state, "rng": rng_state()}, state_path + ".tmp")
-    os.replace(state_path + ".tmp", state_path)
-    _barrier()
-    if rank == 0:
+    try:
+        engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
+        if hook is not None:
+            hook.save_engines(directory, tag)
+        state_path = os.path.join(directory, f"run_state_rank{rank:05d}.pt")
+        torch.save({**run_state, "rng": rng_state()}, state_path + ".tmp")
+        os.replace(state_path + ".tmp", state_path)
+        _barrier()
         files = {}
-        for root, _, names in os.walk(directory):
-            for name in names:
-                path = os.path.join(root, name)
-                files[os.path.relpath(path, directory)] = os.path.getsize(path)
-        manifest = {"iteration": iteration, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp,
-                    "files": files}
-        _write_atomic(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1))
-        _write_atomic(os.path.join(save_dir, LATEST), tag)
-        _prune(save_dir, keep)
+        if rank == 0:
+            for root, _, names in os.walk(directory):
+                for name in names:
+                    path = os.path.join(root, name)
+                    files[os.path.relpath(path, directory)] = os.path.getsize(path)
+        files = _from_rank0(files)
+        crcs = _split_over_ranks(lambda name: _crc32(os.path.join(directory, name)), files)
+        if rank == 0:
+            manifest = {"iteration": iteration, "tp": layout.tp, "pp": layout.pp,
+                        "dp": layout.dp, "files": files, "crc32": crcs}
+            _write_atomic(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1))
+            _write_atomic(os.path.join(save_dir, LATEST), tag)
+            _prune(save_dir, keep)
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not _is_write_error(err):
+            raise
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+        raise UserError(f"{directory}: cannot write the checkpoint ({reason.splitlines()[0]}); "
+                        f"free space in {save_dir} (or check its quota) and resume with --load "
+                        "from the previous checkpoint, which is untouched") from None
     _barrier()
     return directory
+
+
+def _is_write_error(err: RuntimeError) -> bool:
+    """torch.save reports a failed write (disk full, file too large) as a RuntimeError."""
+    return any(s in str(err) for s in ("inline_container", "PytorchStreamWriter",
+                                       "file write failed"))
+
+
+def _crc32(path: str) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _from_rank0(value):
+    if not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _split_over_ranks(fn: Callable[[str], object], names) -> dict:
+    """``{name: fn(name)}`` with the names shared out over the ranks (checksums of a large
+    checkpoint read it once in all, not once per rank). Every rank must call it."""
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
+        if torch.distributed.is_initialized() else (0, 1)
+    mine = {name: fn(name) for name in sorted(names)[rank::world]}
+    if world == 1:
+        return mine
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, mine)
+    return {name: value for part in parts for name, value in part.items()}
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -94,13 +141,20 @@ def _write_atomic(path: str, text: str) -> None:
 def _prune(save_dir: str, keep: int) -> None:
     if keep <= 0:
         return
+    # Count complete checkpoints only: a torn save must not push a good one out.
     tags = sorted(t for t in os.listdir(save_dir) if t.startswith("iter_"))
-    for old in tags[:-keep]:
-        shutil.rmtree(os.path.join(save_dir, old), ignore_errors=True)
+    complete = [t for t in tags if os.path.isfile(os.path.join(save_dir, t, MANIFEST))]
+    if len(complete) <= keep:
+        return
+    oldest_kept = complete[-keep]
+    for old in tags:
+        if old < oldest_kept:
+            shutil.rmtree(os.path.join(save_dir, old), ignore_errors=True)
 
 
 def check_complete(directory: str) -> Optional[str]:
-    """None if the checkpoint in ``directory`` is complete, else what is wrong with it."""
+    """None if the checkpoint in ``directory`` is complete and intact, else what is wrong with
+    it: sizes catch truncation, CRC-32s same-size corruption. Every rank must call it."""
     manifest_path = os.path.join(directory, MANIFEST)
     try:
         with open(manifest_path) as f:
@@ -113,6 +167,12 @@ def check_complete(directory: str) -> Optional[str]:
             return f"{path}: missing"
         if os.path.getsize(path) != size:
             return f"{path}: {os.path.getsize(path)} bytes, expected {size} (truncated or changed)"
+    expected = manifest.get("crc32", {})  # absent in manifests written before checksums
+    actual = _split_over_ranks(lambda name: _crc32(os.path.join(directory, name)), expected)
+    for name in sorted(expected):
+        if actual[name] != expected[name]:
+            return (f"{os.path.join(directory, name)}: CRC-32 {actual[name]:08x}, expected "
+                    f"{expected[name]:08x} (corrupted)")
     return None
 
 
@@ -144,17 +204,32 @@ def _rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
-def load(load_dir: str, engine, layout: Layout, hook=None) -> dict:
+def load_weights(load_dir: str, engine, layout: Layout) -> str:
+    """Model weights only, for continued pretraining (``--finetune``). Returns the tag."""
     tag, manifest = find_loadable(load_dir)
+    _check_layout(load_dir, tag, manifest, layout, check_dp=False)
+    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_only=True,
+                                     load_optimizer_states=False, load_lr_scheduler_states=False)
+    if path is None:
+        raise UserError(f"{os.path.join(load_dir, tag)}: DeepSpeed could not load this checkpoint")
+    return tag  # DeepSpeed refreshes ZeRO's fp32 master copy from the loaded weights
+
+
+def _check_layout(load_dir: str, tag: str, manifest: dict, layout: Layout, check_dp: bool):
     if (manifest["tp"], manifest["pp"]) != (layout.tp, layout.pp):
         raise UserError(
             f"{os.path.join(load_dir, tag)}: saved with tensor-model-parallel-size "
             f"{manifest['tp']} and pipeline-model-parallel-size {manifest['pp']}, but this run "
             f"uses {layout.tp} and {layout.pp}; relaunch with the saved layout")
-    if manifest["dp"] != layout.dp:
+    if check_dp and manifest["dp"] != layout.dp:
         raise UserError(f"{os.path.join(load_dir, tag)}: saved with data-parallel size "
                         f"{manifest['dp']}, this run has {layout.dp}; relaunch with "
                         f"{manifest['dp'] * layout.tp * layout.pp} ranks")
+
+
+def load(load_dir: str, engine, layout: Layout, hook=None) -> dict:
+    tag, manifest = find_loadable(load_dir)
+    _check_layout(load_dir, tag, manifest, layout, check_dp=True)
     path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
                                      load_lr_scheduler_states=False)
     if path is None:

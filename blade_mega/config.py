@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", nargs="+", default=[], help="prefix, or 'w1 p1 w2 p2 ...'")
     g.add_argument("--split", default="98,2", help="train,valid document shares of --data-path")
     g.add_argument("--target-data-path", help="held-out target set V (indexed dataset prefix)")
+    g.add_argument("--test-data-path",
+                   help="held-out test set of the target distribution, never trained or selected "
+                        "on: the honest measure (logged as test_loss)")
     g.add_argument("--seq-length", type=int, default=128)
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int, default=8)
@@ -74,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save")
     g.add_argument("--load")
+    g.add_argument("--finetune", action="store_true",
+                   help="with --load: take only the model weights (continued pretraining); "
+                        "iteration, optimizer, data order and selection state start fresh")
     g.add_argument("--save-interval", type=int, default=0)
     g.add_argument("--keep-checkpoints", type=int, default=2)
 
@@ -133,12 +139,17 @@ def load_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
         raise UserError(f"{path}: invalid YAML ({str(err).splitlines()[0]}); fix the file")
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected a mapping of flag names to values")
-    known = {action.dest for action in parser._actions}
+    actions = {action.dest: action for action in parser._actions}
     out = {}
     for key, value in values.items():
         dest = _dest(str(key))
-        if dest not in known or dest == "config":
+        if dest not in actions or dest == "config":
             raise UserError(f"{path}: unknown key '{key}'; use flag names, e.g. micro-batch-size")
+        # argparse checks choices on the command line only, not on defaults set from the file.
+        choices = actions[dest].choices
+        if choices is not None and value not in choices:
+            raise UserError(f"{path}: {key}: {value!r} is not one of "
+                            f"{', '.join(map(str, choices))}")
         out[dest] = value
     return out
 
@@ -170,6 +181,11 @@ def validate(args: argparse.Namespace) -> None:
     if args.selection in ("rho", "blade", "sketch-influence") and not args.target_data_path:
         raise UserError(f"--selection {args.selection} needs --target-data-path (the held-out "
                         "target set V as an indexed dataset prefix)")
+    if args.reference_model != "same" and args.reference_model not in PRESETS:
+        raise UserError(f"--reference-model {args.reference_model}: use 'same' or one of "
+                        f"{', '.join(sorted(PRESETS))}")
+    if args.reference_model != "same" and args.selection != "blade":
+        raise UserError("--reference-model PRESET (a proxy pair) applies to --selection blade")
     if args.tokenizer_model is None and args.vocab_size is None:
         raise UserError("give --tokenizer-model (a SentencePiece .model) or --vocab-size")
     if args.tokenizer_model and not os.path.isfile(args.tokenizer_model):

@@ -239,14 +239,25 @@ class ModelEngine:
         return (weighted, weight), finite
 
     @torch.no_grad()
-    def token_losses(self, samples: torch.Tensor) -> torch.Tensor:
-        """Per-token losses [n, s] of ``samples`` [n, s+1], on every stage of the pipeline."""
+    def token_losses(self, samples: torch.Tensor, everywhere: bool = True
+                     ) -> Optional[torch.Tensor]:
+        """Per-token losses [n, s] of ``samples`` [n, s+1]. They are computed on the last
+        pipeline stage; ``everywhere`` sends them to every stage, else other stages get None."""
         self.module.eval()
         out = self.runner.run(split_microbatches(samples, self.micro_batch_size),
                               forward_only=True, keep_token_losses=True)
         losses = torch.cat(out.token_losses) if out.token_losses else None
+        if not everywhere:
+            return losses
         shape = (samples.size(0), samples.size(1) - 1)
         return broadcast_from_last_stage(losses, shape).cpu()
+
+    @torch.no_grad()
+    def sample_losses(self, samples: torch.Tensor) -> torch.Tensor:
+        """Mean token loss per sample [n], on every stage (only n floats cross stages)."""
+        losses = self.token_losses(samples, everywhere=False)
+        means = losses.mean(dim=1) if losses is not None else None
+        return broadcast_from_last_stage(means, (samples.size(0),)).cpu()
 
     @torch.no_grad()
     def copy_weights_from(self, other: "ModelEngine") -> None:

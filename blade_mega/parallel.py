@@ -79,8 +79,10 @@ def init_distributed(tp: int, pp: int, timeout_minutes: float = 10.0) -> tuple[P
             dist_backend=backend, auto_mpi_discovery=False, verbose=False,
             timeout=datetime.timedelta(minutes=timeout_minutes))
     if not parallel_state.model_parallel_is_initialized():
+        # Megatron's groups get their own timeout (30 min unless told): pass ours down too.
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+            distributed_timeout_minutes=timeout_minutes)
     return proc, layout
 
 

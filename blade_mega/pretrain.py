@@ -105,6 +105,9 @@ class Trainer:
         self.target_data = (build_windows([args.target_data_path], args.seq_length, args.seed,
                                           None, 0, self.vocab)
                             if args.target_data_path else None)
+        self.test_data = (build_windows([args.test_data_path], args.seq_length, args.seed,
+                                        None, 0, self.vocab)
+                          if args.test_data_path else None)
         self.size = model_size(args)
         self.learner = self.build_engine(self.size, False)
         self.groups = ProcessGroups(
@@ -153,9 +156,12 @@ class Trainer:
         from blade_mega.engine import learning_rate
 
         args = self.args
-        if args.load:
+        if args.load and not args.finetune:
             self.load()
         else:
+            if args.load:
+                tag = checkpoint.load_weights(args.load, self.learner.engine, self.layout)
+                self.log.write({"kind": "finetune", "iteration": 0, "path": args.load, "tag": tag})
             self.hook.before_training()
         bar = progress(self.rank == 0 and not args.no_progress, args.train_iters, self.iteration)
         window: list[dict] = []
@@ -232,6 +238,8 @@ class Trainer:
                   "valid_loss": eval_loss(self.learner, self.valid_data, count, self.groups)}
         if self.target_data is not None:
             record["target_loss"] = eval_loss(self.learner, self.target_data, count, self.groups)
+        if self.test_data is not None:
+            record["test_loss"] = eval_loss(self.learner, self.test_data, count, self.groups)
         for key in [k for k in record if k.endswith("_loss")]:
             record[key.replace("_loss", "_ppl")] = math.exp(min(record[key], 50.0))
         self.log.write(record)

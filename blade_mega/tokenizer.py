@@ -32,10 +32,13 @@ class Tokenizer:
     `pad`, `unique_identifiers`).
     """
 
-    def __init__(self, processor: spm.SentencePieceProcessor, model_path: str, model_type: str):
+    def __init__(
+        self, processor: spm.SentencePieceProcessor, model_path: str, model_type: str, model_sha256: str
+    ):
         self._sp = processor
         self.model_path = model_path
         self.model_type = model_type
+        self.model_sha256 = model_sha256
         self.vocab_size: int = processor.get_piece_size()
         self.pad_id: int = processor.pad_id()
         self.unk_id: int = processor.unk_id()
@@ -70,7 +73,7 @@ class Tokenizer:
                 f"tokenizer model {model_path} has no pad or eos id; "
                 "retrain it with tools/train_tokenizer.py"
             )
-        return cls(processor, model_path, model_type=_model_type_name(proto))
+        return cls(processor, model_path, _model_type_name(proto), hashlib.sha256(proto).hexdigest())
 
     def _check_sidecar(self) -> None:
         """A stale `.json` would silently give the trainer wrong EOD/pad ids."""
@@ -104,9 +107,7 @@ class Tokenizer:
     @property
     def unique_identifiers(self) -> dict:
         """Hashed by megatron.core into its dataset cache key."""
-        with open(self.model_path, "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
-        return {"class": type(self).__name__, "model_sha256": digest}
+        return {"class": type(self).__name__, "model_sha256": self.model_sha256}
 
     def encode(self, text: str) -> List[int]:
         return self._sp.encode(text)

@@ -268,7 +268,9 @@ def write_demo_corpus(output_dir: str, splits: Dict[str, List[Document]], labels
         os.makedirs(output_dir, exist_ok=True)
     except OSError as err:
         raise UserError(f"cannot create output directory {output_dir} ({err.strerror})") from None
-    contents = {f"{name}.jsonl": "".join(json.dumps(doc.record()) + "\n" for doc in splits[name]) for name in SPLITS}
+    contents = {
+        f"{name}.jsonl": "".join(json.dumps(doc.record()) + "\n" for doc in splits[name]) for name in SPLITS
+    }
     contents["labels.json"] = json.dumps(labels, indent=2) + "\n"
     temporary = {name: os.path.join(output_dir, f".{name}.tmp-{os.getpid()}") for name in contents}
     try:
@@ -278,7 +280,9 @@ def write_demo_corpus(output_dir: str, splits: Dict[str, List[Document]], labels
         for name, tmp in temporary.items():
             os.replace(tmp, os.path.join(output_dir, name))
     except OSError as err:
-        raise UserError(f"cannot write to {output_dir} ({err.strerror}); choose a writable --output-dir") from None
+        raise UserError(
+            f"cannot write to {output_dir} ({err.strerror}); choose a writable --output-dir"
+        ) from None
     finally:
         for tmp in temporary.values():
             if os.path.exists(tmp):

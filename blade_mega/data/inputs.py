@@ -125,6 +125,13 @@ def parse_record(
     for key in json_keys:
         if not isinstance(record[key], str):
             raise InvalidRecord(f"{where}: key {key!r} is not a string")
+        try:  # JSON escapes can spell lone surrogates (\ud800), which no tokenizer accepts
+            record[key].encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InvalidRecord(
+                f"{where}: key {key!r} holds an unpaired surrogate escape "
+                f"(\\u{ord(err.object[err.start]):04x}), not text; fix the line or pass "
+                "--on-error skip") from None
     return {key: record[key] for key in list(json_keys) + list(meta_keys)}
 
 

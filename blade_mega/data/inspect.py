@@ -70,7 +70,8 @@ def verify(prefix: str) -> None:
         if (lengths < 0).any():
             raise UserError(f"{idx_path}: negative sequence length at sequence {_first(lengths < 0)}")
         if (numpy.diff(pointers) < 0).any():
-            raise UserError(f"{idx_path}: sequence pointers decrease at sequence {_first(numpy.diff(pointers) < 0) + 1}")
+            bad = _first(numpy.diff(pointers) < 0) + 1
+            raise UserError(f"{idx_path}: sequence pointers decrease at sequence {bad}")
         ends = pointers + lengths.astype(numpy.int64) * itemsize
         if (ends > bin_size).any():
             bad = _first(ends > bin_size)
@@ -78,10 +79,21 @@ def verify(prefix: str) -> None:
                 f"{bin_path}: sequence {bad} ends at byte {ends[bad]} past the end of the file "
                 f"({bin_size} bytes); the .bin is truncated or does not belong to this .idx"
             )
+        # Megatron's writer packs sequences back to back from byte 0: any other pointer is damage.
+        starts = numpy.concatenate([[0], numpy.cumsum(lengths[:-1], dtype=numpy.int64) * itemsize])
+        if (pointers != starts).any():
+            bad = _first(pointers != starts)
+            raise UserError(f"{idx_path}: sequence {bad} starts at byte {pointers[bad]}, expected "
+                            f"{starts[bad]} from the lengths before it; the index is damaged")
+    expected_bin = int(lengths.sum(dtype=numpy.int64)) * itemsize
+    if bin_size != expected_bin:
+        raise UserError(f"{bin_path}: {bin_size} bytes, but its .idx describes {expected_bin}; "
+                        "the .bin is damaged or does not belong to this .idx")
     if documents == 0 or doc_indices[0] != 0:
         raise UserError(f"{idx_path}: document index must start at 0")
     if (numpy.diff(doc_indices) < 0).any():
-        raise UserError(f"{idx_path}: document indices decrease at document {_first(numpy.diff(doc_indices) < 0)}")
+        bad = _first(numpy.diff(doc_indices) < 0)
+        raise UserError(f"{idx_path}: document indices decrease at document {bad}")
     if doc_indices[-1] != sequences:
         raise UserError(
             f"{idx_path}: document indices end at {doc_indices[-1]}, expected {sequences} sequences"

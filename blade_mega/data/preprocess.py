@@ -5,6 +5,7 @@ writer here, with at most a few chunks in flight: memory does not grow with corp
 All outputs are written under temporary names and renamed only when the whole run succeeded.
 """
 
+import errno
 import itertools
 import json
 import multiprocessing
@@ -80,7 +81,8 @@ class EncodedRecord:
 
 
 class DocumentEncoder:
-    """Parses and tokenises chunks of raw records; runs inside each worker process."""
+    """Parses and tokenises chunks of raw records, in each worker process (or in-process for
+    a single worker)."""
 
     def __init__(self, model_path, json_keys, meta_keys, append_eod: bool, dtype: type):
         self.tokenizer = Tokenizer.load(model_path)
@@ -180,9 +182,12 @@ class DatasetWriter:
             os.replace(self.tmp_prefix + suffix, self.prefix + suffix)
 
     def discard(self) -> None:
-        self.builder.data_file.close()
-        if self.meta_file is not None:
-            self.meta_file.close()
+        for f in (self.builder.data_file, self.meta_file):
+            try:
+                if f is not None:
+                    f.close()
+            except OSError:  # flushing the buffer fails again when the disk is full
+                pass
         for suffix in self.suffixes:
             if os.path.exists(self.tmp_prefix + suffix):
                 os.remove(self.tmp_prefix + suffix)
@@ -263,9 +268,12 @@ def preprocess(
             writer.finish()
         for writer in writers.values():
             writer.publish()
-    except BaseException:
+    except BaseException as err:
         for writer in writers.values():
             writer.discard()
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise UserError(f"cannot write {output_prefix}_* ({err.strerror}); free disk space and "
+                            "re-run (nothing was written; earlier outputs are untouched)") from None
         raise
     finally:
         progress.close()

@@ -128,9 +128,11 @@ class BlendedWindows:
     def tokens(self, global_id: int) -> np.ndarray:
         part, local = self.locate(global_id)
         tokens = self.parts[part].tokens(local)
-        if self.vocab_size is not None and int(tokens.max()) >= self.vocab_size:
+        low, high = int(tokens.min()), int(tokens.max())
+        if self.vocab_size is not None and (low < 0 or high >= self.vocab_size):
+            bad = high if high >= self.vocab_size else low
             raise UserError(
-                f"{get_bin_path(self.parts[part].prefix)}: token id {int(tokens.max())} is outside "
+                f"{get_bin_path(self.parts[part].prefix)}: token id {bad} is outside "
                 f"the model's vocab of {self.vocab_size}; the dataset was made with another "
                 "tokenizer: re-run tools/preprocess_data.py with this --tokenizer-model")
         return tokens

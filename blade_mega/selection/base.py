@@ -93,7 +93,8 @@ class SelectionHook:
         ids = self.local_share(block_ids)
         samples = self.read(ids)
         weights = torch.ones(samples.size(0), samples.size(1) - 1)
-        return TrainBatch(ids, samples, weights, self.uniform_normaliser())
+        stats = self.noise_stats(block_ids, np.ones(len(block_ids)))
+        return TrainBatch(ids, samples, weights, self.uniform_normaliser(), stats=stats)
 
     def after_step(self, step: int, batch: TrainBatch, lr: float) -> dict:
         return dict(batch.stats)
@@ -122,6 +123,30 @@ class SelectionHook:
 
     def uniform_normaliser(self) -> float:
         return float(self.ctx.global_batch * self.ctx.tokens_per_sample)
+
+    def noise_stats(self, ids: np.ndarray, kept: np.ndarray) -> dict:
+        """Per labelled noise type (demo corpus): the kept rate of its candidates and its share
+        of what was trained on. ``kept`` is each candidate's kept share (0..1)."""
+        labels = self._noise_labels(ids)
+        if labels is None:
+            return {}
+        trained = kept.sum()
+        kept_rate, share = {}, {}
+        for code, name in enumerate(self.ctx.noise_names):
+            of_type = labels == code
+            if of_type.any():
+                kept_rate[name] = float(kept[of_type].mean())
+            share[name] = float(kept[of_type].sum() / trained) if trained else 0.0
+        return {"noise_kept_rate": kept_rate, "trained_share": share}
+
+    def _noise_labels(self, ids: np.ndarray) -> Optional[np.ndarray]:
+        if self.ctx.noise_labels is None:
+            return None
+        labels = np.full(len(ids), -1, dtype=np.int64)
+        for part, where, documents in self.ctx.train.main_documents(ids):
+            if part == 0:
+                labels[where] = self.ctx.noise_labels[documents]
+        return labels
 
     def microbatches(self, batch: TrainBatch):
         return split_microbatches(batch.samples, self.ctx.args.micro_batch_size, batch.weights)

@@ -53,8 +53,8 @@ def eval_loss(learner, windows: BlendedWindows, count: int, groups) -> float:
     per_rank = count // groups.dp_size
     local = ids[groups.dp_rank * per_rank:(groups.dp_rank + 1) * per_rank]
     samples = torch.from_numpy(np.stack([windows.tokens(int(i)) for i in local]))
-    losses = learner.token_losses(samples).double()
-    totals = torch.tensor([losses.sum().item(), float(losses.numel())], dtype=torch.float64)
+    means = learner.sample_losses(samples).double()  # equal-length samples: mean of means
+    totals = torch.tensor([means.sum().item(), float(means.numel())], dtype=torch.float64)
     torch.distributed.all_reduce(totals, group=groups.dp)
     return float(totals[0] / totals[1])
 

@@ -18,13 +18,16 @@ are never kept and are counted; if a step has nothing scorable it trains uniform
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from typing import Optional
 
 import numpy as np
 import torch
 
-from blade_mega.engine import broadcast_from_last_stage
+from blade_mega.engine import ModelEngine, broadcast_from_last_stage
+from blade_mega.errors import UserError
+from blade_mega.model import PRESETS
 from blade_mega.selection.base import SelectionContext, SelectionHook, TrainBatch
 from blade_mega.selection.reference import Reference
 
@@ -52,10 +55,15 @@ def top_k_token_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 class ExcessLossSelector(SelectionHook):
     """Base of highloss (no reference), rho (static reference) and blade (dynamic reference)."""
 
-    def __init__(self, ctx: SelectionContext, reference: Optional[Reference]):
+    def __init__(self, ctx: SelectionContext, reference: Optional[Reference],
+                 proxy: Optional[ModelEngine] = None):
         super().__init__(ctx)
         args = ctx.args
         self.reference = reference
+        # The learner-side scorer: the learner itself, or the small proxy learner u' of a
+        # proxy pair (--reference-model PRESET), which trains on the same selected batches.
+        self.proxy = proxy
+        self.scorer = proxy if proxy is not None else ctx.learner
         self.token_level = args.selection_granularity == "token"
         self.keep_ratio = args.keep_ratio
         self.warmup = args.selection_warmup_steps
@@ -64,8 +72,6 @@ class ExcessLossSelector(SelectionHook):
             block = self.block_size(self.warmup)
             unit = ctx.groups.dp_size * args.micro_batch_size
             if block % unit:
-                from blade_mega.errors import UserError
-
                 raise UserError(
                     f"sample-level selection scores a block of {block} = --global-batch-size / "
                     f"--keep-ratio samples, which must be a multiple of --micro-batch-size x "
@@ -81,22 +87,26 @@ class ExcessLossSelector(SelectionHook):
         if step < self.warmup:
             return super().select(step, block_ids)
         if self.reference is not None and self.reference.due(step, self.warmup):
-            self.reference.sync_and_train(self.ctx.learner, self._reference_lr(), self._last_batch)
+            self.reference.sync_and_train(self.scorer, self._reference_lr(), self._last_batch)
         if self.token_level:
             return self._select_tokens(block_ids)
         return self._select_samples(block_ids)
 
     def after_step(self, step: int, batch: TrainBatch, lr: float) -> dict:
         self._lr = lr
+        if step >= self.warmup and self.token_level:
+            self._finish_token_step(batch)  # sets batch.weights to this step's masks (alpha)
         self._last_batch = (batch.samples, batch.weights, batch.normaliser)
         if step < self.warmup:
             return {"selecting": 0.0}
-        if self.token_level:
-            self._finish_token_step(batch)
+        if self.proxy is not None:  # u' follows u: same batch, same alpha
+            self.proxy.train_step(self.microbatches(batch), batch.normaliser, lr)
         stats = dict(batch.stats, selecting=1.0, hook_comm_bytes=float(self.comm_bytes))
         if self.reference is not None:
             stats["ref_divergence"] = self.reference.last_divergence
             stats["ref_syncs"] = float(self.reference.syncs)
+            # 1 on the step that synced: its window mean x selecting steps counts the syncs.
+            stats["ref_synced"] = float(self.reference.due(step, self.warmup))
         self.comm_bytes = 0
         return stats
 
@@ -104,16 +114,17 @@ class ExcessLossSelector(SelectionHook):
         return getattr(self, "_lr", self.ctx.args.lr)
 
     # -- scoring ---------------------------------------------------------------------------
-    def _excess(self, samples: torch.Tensor, learner_losses: torch.Tensor) -> torch.Tensor:
-        if self.reference is None:
-            return learner_losses
-        return learner_losses - self.reference.token_losses(samples)
-
     def sample_scores(self, block_ids: np.ndarray) -> np.ndarray:
-        """Mean excess loss of every sample in the block, on every rank (block order)."""
+        """Mean excess loss of every sample in the block, on every rank (block order).
+        Means are linear, so each model sends only one float per sample across stages."""
         local_ids = self.local_share(block_ids)
         samples = self.read(local_ids)
-        excess = self._excess(samples, self.ctx.learner.token_losses(samples)).mean(dim=1)
+        excess = self.scorer.sample_losses(samples)
+        if self.reference is not None:
+            excess = excess - self.reference.model.sample_losses(samples)
+        if self.ctx.args.pipeline_model_parallel_size > 1:
+            models = 1 if self.reference is None else 2
+            self.comm_bytes += models * excess.numel() * excess.element_size()
         return self.all_gather_dp(excess.float())
 
     def all_gather_dp(self, local: torch.Tensor) -> np.ndarray:
@@ -150,17 +161,25 @@ class ExcessLossSelector(SelectionHook):
         ctx = self.ctx
         ids = self.local_share(block_ids)
         samples = self.read(ids)
-        reference_losses = (self.reference.token_losses(samples)
+        # weight_fn runs on the last stage, where both models' losses already are: no transfer.
+        reference_losses = (self.reference.model.token_losses(samples, everywhere=False)
                             if self.reference is not None else None)
+        proxy_losses = (self.proxy.token_losses(samples, everywhere=False)
+                        if self.proxy is not None else None)
         micro = ctx.args.micro_batch_size
         k = int(round(self.keep_ratio * micro * ctx.tokens_per_sample))
         chosen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
         def weight_fn(index: int, learner_losses: torch.Tensor, weights: torch.Tensor):
-            excess = learner_losses.cpu()
+            rows = slice(index * micro, (index + 1) * micro)
+            excess = learner_losses.cpu() if proxy_losses is None else proxy_losses[rows]
             if reference_losses is not None:
-                excess = excess - reference_losses[index * micro:(index + 1) * micro]
+                excess = excess - reference_losses[rows]
             mask = top_k_token_mask(excess, k)
+            if not torch.isfinite(excess).any():
+                warnings.warn(f"no finite token scores in micro-batch {index}; training on it "
+                              "uniformly (weight k / tokens each) this step")
+                mask = torch.full_like(excess, k / excess.numel())
             chosen[index] = (mask, excess)
             return weights * mask.to(weights.device, weights.dtype)
 
@@ -212,27 +231,8 @@ class ExcessLossSelector(SelectionHook):
             hit, miss = (kept > 0) & finite, (kept == 0) & finite
             stats["excess_kept"] = float(scores[hit].mean()) if hit.any() else float("nan")
             stats["excess_dropped"] = float(scores[miss].mean()) if miss.any() else float("nan")
-        labels = self._noise_labels(ids)
-        if labels is not None:
-            trained = kept.sum()
-            kept_by_type, share_by_type = {}, {}
-            for code, name in enumerate(self.ctx.noise_names):
-                of_type = labels == code
-                if of_type.any():
-                    kept_by_type[name] = float(kept[of_type].mean())
-                share_by_type[name] = float(kept[of_type].sum() / trained) if trained else 0.0
-            stats["noise_kept_rate"] = kept_by_type
-            stats["trained_share"] = share_by_type
+        stats.update(self.noise_stats(ids, kept))
         return stats
-
-    def _noise_labels(self, ids: np.ndarray) -> Optional[np.ndarray]:
-        if self.ctx.noise_labels is None:
-            return None
-        labels = np.full(len(ids), -1, dtype=np.int64)
-        for part, where, documents in self.ctx.train.main_documents(ids):
-            if part == 0:
-                labels[where] = self.ctx.noise_labels[documents]
-        return labels
 
     def _update_sidecars(self, ids: np.ndarray, kept: np.ndarray, scores: np.ndarray) -> None:
         for part, where, documents in self.ctx.train.main_documents(ids):
@@ -260,6 +260,8 @@ class ExcessLossSelector(SelectionHook):
 
         if self.reference is not None:
             self.reference.save(directory)
+        if self.proxy is not None:
+            self.proxy.engine.save_checkpoint(directory, tag="proxy", save_latest=False)
         if torch.distributed.get_rank() == 0:
             for part, sidecar in zip(self.ctx.train.parts, self.ctx.sidecars):
                 sidecar.save(sidecar_path(directory, part.prefix))
@@ -267,6 +269,12 @@ class ExcessLossSelector(SelectionHook):
     def load_engines(self, directory: str, tag: str) -> None:
         if self.reference is not None:
             self.reference.load(directory)
+        if self.proxy is not None:
+            path, _ = self.proxy.engine.load_checkpoint(directory, tag="proxy",
+                                                        load_lr_scheduler_states=False)
+            if path is None:
+                raise UserError(f"{os.path.join(directory, 'proxy')}: proxy learner checkpoint "
+                                "missing; resume with the --reference-model it was saved with")
 
 
 class HighLossSelector(ExcessLossSelector):
@@ -298,12 +306,18 @@ class RhoSelector(ExcessLossSelector):
 
 
 class BladeSelector(ExcessLossSelector):
-    """``--selection blade``: dynamic reference re-synchronised every T steps."""
+    """``--selection blade``: dynamic reference re-synchronised every T steps.
+
+    With ``--reference-model PRESET`` it scores with a small proxy pair instead: a proxy
+    learner u' (trained on the learner's selected batches) and its reference w' (synced from u').
+    """
     name = "blade"
 
     def __init__(self, ctx: SelectionContext):
         args = ctx.args
+        proxy_size = None if args.reference_model == "same" else PRESETS[args.reference_model]
+        proxy = ctx.build_engine(proxy_size, False) if proxy_size else None
         reference = Reference(ctx, sync_interval=args.blade_sync_interval,
                               steps_per_sync=args.blade_ref_steps, lam=args.blade_lambda,
-                              offload=args.reference_offload)
-        super().__init__(ctx, reference)
+                              offload=args.reference_offload, size=proxy_size)
+        super().__init__(ctx, reference, proxy)

@@ -24,14 +24,14 @@ from blade_mega.errors import UserError
 
 class Reference:
     def __init__(self, ctx, *, sync_interval: float, steps_per_sync: int, lam: float,
-                 offload: bool = False):
+                 offload: bool = False, size=None):
         if ctx.target is None:
             raise UserError("the reference model needs --target-data-path")
         self.ctx = ctx
         self.sync_interval = sync_interval
         self.steps_per_sync = steps_per_sync
         self.lam = lam
-        self.model: ModelEngine = ctx.build_engine(ctx.learner_size, offload)
+        self.model: ModelEngine = ctx.build_engine(size or ctx.learner_size, offload)
         self.target_consumed = 0   # reading position in V
         self.syncs = 0
         self.steps_trained = 0
@@ -43,9 +43,6 @@ class Reference:
             return False
         since = step - warmup
         return since == 0 if math.isinf(self.sync_interval) else since % self.sync_interval == 0
-
-    def token_losses(self, samples: torch.Tensor) -> torch.Tensor:
-        return self.model.token_losses(samples)
 
     def sync_and_train(self, learner: ModelEngine, lr: float,
                        last_batch: Optional[tuple[torch.Tensor, torch.Tensor, float]]) -> None:

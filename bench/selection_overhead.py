@@ -1,0 +1,111 @@
+"""Selection overhead: wall time per step of each method over uniform, beside the FLOP ratio.
+
+The analytic ratio counts model passes per step in units of one sample's forward (backward = 2):
+uniform trains B samples (3B).  Sample level scores a block of M = B/gamma with a learner forward
+(highloss) or learner + reference forwards (rho, blade); token level scores inside the training
+forward, so only the reference's forward is extra.  blade adds K reference steps every T steps on
+a V batch (B samples) plus, with lambda > 0, the selected training batch (B more); rho's one-off
+reference training runs before step 0 and is outside the per-step figure.  A measured/analytic ratio near 1 means the hook wastes
+no work beyond the model passes it must do.
+
+    python bench/selection_overhead.py
+    python bench/selection_overhead.py --model-size tiny --steps 20     # quick
+
+Last line: one JSON object. Goal: measured/analytic <= 1.15 for every method.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from bench.selection_quality import build_data  # noqa: E402
+from blade_mega.testing import pretrain_rank, run_distributed  # noqa: E402
+
+CASES = {  # name: (flags, granularity)
+    "uniform": ([], None),
+    "highloss-sample": (["--selection", "highloss"], "sample"),
+    "highloss-token": (["--selection", "highloss"], "token"),
+    "rho-sample": (["--selection", "rho"], "sample"),
+    "rho-token": (["--selection", "rho"], "token"),
+    "blade-sample": (["--selection", "blade"], "sample"),
+    "blade-token": (["--selection", "blade"], "token"),
+}
+
+
+def analytic_ratio(name: str, gamma_sample: float, sync: int, ref_steps: int, lam: float) -> float:
+    method, _, granularity = name.partition("-")
+    if method == "uniform":
+        return 1.0
+    with_reference = method in ("rho", "blade")
+    if granularity == "sample":
+        scoring = (2 if with_reference else 1) / (3 * gamma_sample)
+    else:
+        scoring = (1 / 3) if with_reference else 0.0
+    reference_training = 0.0
+    if method == "blade":
+        reference_training = (ref_steps / sync) * (2.0 if lam > 0 else 1.0)
+    return 1.0 + scoring + reference_training
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", default=",".join(CASES))
+    p.add_argument("--model-size", default="demo")
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--sync-interval", type=int, default=10)
+    p.add_argument("--ref-steps", type=int, default=2)
+    p.add_argument("--blade-lambda", type=float, default=0.5)
+    p.add_argument("--workdir", default=os.path.join(HERE, ".cache", "selection_quality"))
+    args = p.parse_args()
+    paths = build_data(os.path.join(args.workdir, "data"), 4.0, 2000)
+    gamma_sample = 0.5  # the default --keep-ratio at sample level
+    rows = {}
+    for name in args.cases.split(","):
+        flags, granularity = CASES[name]
+        log = os.path.join(args.workdir, f"overhead_{name}.jsonl")
+        if os.path.exists(log):
+            os.remove(log)
+        argv = ["--tokenizer-model", paths["tokenizer"], "--data-path", paths["pool"],
+                "--target-data-path", paths["target"], "--model-size", args.model_size,
+                "--seq-length", str(args.seq_length),
+                "--global-batch-size", str(args.global_batch),
+                "--micro-batch-size", str(args.micro_batch), "--train-iters", str(args.steps),
+                "--eval-interval", "0", "--log-interval", str(args.sync_interval),
+                "--no-progress", "--log-file", log, "--split", "100,1",
+                "--blade-sync-interval", str(args.sync_interval),
+                "--blade-ref-steps", str(args.ref_steps), "--blade-lambda", str(args.blade_lambda),
+                *flags]
+        if granularity:
+            argv += ["--selection-granularity", granularity]
+        records = run_distributed(pretrain_rank, 1, argv)[0]
+        train = [r for r in records if r["kind"] == "train"]
+        # Skip the first window (start-up, first allocations); whole sync periods after it.
+        step_time = float(np.mean([r["step_time"] for r in train[1:]]))
+        # rho's one-off reference training happens before step 0 and is not in step_time.
+        rows[name] = {"step_time": step_time,
+                      "analytic": analytic_ratio(name, gamma_sample, args.sync_interval,
+                                                 args.ref_steps, args.blade_lambda)}
+        print(f"{name:16s} {step_time * 1000:8.1f} ms/step", flush=True)
+    base = rows["uniform"]["step_time"]
+    for name, row in rows.items():
+        row["measured"] = row["step_time"] / base
+        row["measured_over_analytic"] = row["measured"] / row["analytic"]
+        print(f"{name:16s} measured {row['measured']:.2f}x  analytic {row['analytic']:.2f}x  "
+              f"ratio {row['measured_over_analytic']:.2f}")
+    goal = all(r["measured_over_analytic"] <= 1.15 for r in rows.values())
+    print(json.dumps({"settings": vars(args), "cases": rows, "goal_ratio_le_1.15": goal}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Per-sample gradient sketches of a Megatron GPT and the influence selector built on them."""

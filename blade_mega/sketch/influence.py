@@ -1,0 +1,161 @@
+"""``--selection sketch-influence``: first-order influence on the target set, from gradient sketches.
+
+Each step (after warm-up) the selector sketches the mean gradient of one batch of the target set
+V (``g_V``: by linearity, the mean of its per-sample sketches) and every sample of a candidate
+block of ``global_batch / keep_ratio`` samples, scores ``<S g_i, S g_V>`` (TracIn / GREATS: how
+much a step on sample i lowers the loss on V), and keeps the best ``global_batch``; ties go to the
+smaller global id.  With ``--selection-diversity beta > 0`` the kept set is chosen greedily with
+the redundancy penalty ``beta * <S g_i, S g_j>`` against samples already chosen.
+
+Communication carries only sketches and scores (never a gradient):
+* g_V: this rank's partial sketch placed in its slots, summed over the model-parallel group
+  (TP terms add, PP stages fill their own slots) and over DP: ``num_slots * k^2`` floats a step.
+* beta = 0: each rank scores its partial sketches against g_V; the partial scores are summed over
+  the model-parallel group and gathered over DP: two floats per candidate.
+* beta > 0: the candidates' full sketches are formed like g_V and gathered over DP, so every rank
+  has the block's Gram matrix: ``num_slots * k^2`` floats per candidate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from blade_mega.errors import UserError
+from blade_mega.selection.base import SelectionContext, SelectionHook, TrainBatch
+from blade_mega.selection.excess_loss import top_k_samples
+from blade_mega.sketch.diversity import greedy_diverse_top_k
+from blade_mega.sketch.sketcher import GradientSketcher, check_sketch_dim
+
+
+def place_in_slots(partial: torch.Tensor, sketcher: GradientSketcher) -> torch.Tensor:
+    """[..., local layers, k, k] partial sketches -> [..., num_slots * k^2], zero elsewhere."""
+    lead = partial.shape[:-3]
+    placed = partial.new_zeros(*lead, sketcher.num_slots, sketcher.slot_size)
+    placed[..., sketcher.slots.to(partial.device), :] = partial.flatten(-2)
+    return placed.flatten(-2)
+
+
+class SketchInfluenceSelector(SelectionHook):
+    name = "sketch-influence"
+
+    def __init__(self, ctx: SelectionContext):
+        super().__init__(ctx)
+        args = ctx.args
+        if args.selection_granularity != "sample":
+            raise UserError("--selection sketch-influence scores whole samples; use "
+                            "--selection-granularity sample")
+        try:
+            check_sketch_dim(args.sketch_dim)
+        except ValueError as err:
+            raise UserError(f"--sketch-dim: {err}") from None
+        if args.selection_diversity < 0:
+            raise UserError(f"--selection-diversity {args.selection_diversity} must be >= 0")
+        if ctx.target is None:
+            raise UserError("--selection sketch-influence needs --target-data-path")
+        self.keep_ratio = args.keep_ratio
+        self.warmup = args.selection_warmup_steps
+        self.beta = args.selection_diversity
+        unit = ctx.groups.dp_size * args.micro_batch_size
+        block = int(round(ctx.global_batch / self.keep_ratio))
+        if block % unit:
+            raise UserError(
+                f"sketch-influence scores a block of {block} = --global-batch-size / --keep-ratio "
+                f"samples, which must be a multiple of --micro-batch-size x data-parallel size = "
+                f"{unit}; adjust --keep-ratio or the batch sizes")
+        self.sketcher = GradientSketcher(ctx.learner.module, ctx.learner.runner, args.sketch_dim,
+                                         args.seed)
+        self.target_consumed = 0  # reading position in V
+
+    # -- call points ---------------------------------------------------------------------------
+    def block_size(self, step: int) -> int:
+        if step < self.warmup:
+            return self.ctx.global_batch
+        return int(round(self.ctx.global_batch / self.keep_ratio))
+
+    def select(self, step: int, block_ids: np.ndarray) -> TrainBatch:
+        if step < self.warmup:
+            return super().select(step, block_ids)
+        ctx = self.ctx
+        scores, gram = self.block_scores(block_ids)
+        if gram is None:
+            keep = top_k_samples(scores, block_ids, ctx.global_batch)
+        else:
+            keep = greedy_diverse_top_k(scores, block_ids, gram, ctx.global_batch, self.beta)
+        stats = {"nonfinite_scores": float((~np.isfinite(scores)).sum())}
+        if len(keep) < ctx.global_batch:
+            keep = np.arange(ctx.global_batch)  # too few finite scores: train on the block as read
+            stats["uniform_fallback"] = 1.0
+        kept = np.zeros(len(block_ids), dtype=bool)
+        kept[keep] = True
+        finite = np.isfinite(scores)
+        for name, mask in (("influence_kept", kept & finite), ("influence_dropped", ~kept & finite)):
+            stats[name] = float(scores[mask].mean()) if mask.any() else float("nan")
+        ids = self.local_share(block_ids[keep])
+        samples = self.read(ids)
+        weights = torch.ones(samples.size(0), samples.size(1) - 1)
+        return TrainBatch(ids, samples, weights, self.uniform_normaliser(), candidates=block_ids,
+                          stats=stats)
+
+    def after_step(self, step: int, batch: TrainBatch, lr: float) -> dict:
+        if step < self.warmup:
+            return {"selecting": 0.0}
+        stats = dict(batch.stats, selecting=1.0, hook_comm_bytes=float(self.comm_bytes))
+        self.comm_bytes = 0
+        return stats
+
+    def state_dict(self) -> dict:
+        return {"target_consumed": self.target_consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target_consumed = state["target_consumed"]
+
+    # -- scoring -------------------------------------------------------------------------------
+    def block_scores(self, block_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Influence score of every block sample (block order, on every rank), and the block's
+        sketch Gram matrix when the diversity term needs it."""
+        groups = self.ctx.groups
+        target = self.target_sketch()
+        partial = self.sketcher.sketch(self.read(self.local_share(block_ids)))
+        if self.beta == 0:
+            mine = place_in_slots(partial, self.sketcher) @ target  # this rank's terms of <.,.>
+            local_scores = self._all_reduce(mine, groups.mp)
+            return self._all_gather(local_scores, groups.dp).cpu().double().numpy(), None
+        sketches = self.full_sketches(partial).double()
+        return (sketches @ target.double()).cpu().numpy(), (sketches @ sketches.T).cpu().numpy()
+
+    def full_sketches(self, partial: torch.Tensor) -> torch.Tensor:
+        """This rank's partial sketches of its DP share -> every sample's whole-model sketch
+        [n, num_slots * k^2] (block order), on every rank."""
+        full = self._all_reduce(place_in_slots(partial, self.sketcher), self.ctx.groups.mp)
+        return self._all_gather(full, self.ctx.groups.dp)
+
+    def target_sketch(self) -> torch.Tensor:
+        """Full sketch of the mean gradient of the next V batch, on every rank."""
+        ctx = self.ctx
+        count = ctx.global_batch
+        ids = ctx.target.ordered_ids(self.target_consumed, count)
+        self.target_consumed += count
+        local = self.local_share(ids)
+        samples = torch.from_numpy(np.stack([ctx.target.tokens(int(i)) for i in local]))
+        placed = place_in_slots(self.sketcher.sketch(samples).sum(0), self.sketcher)
+        placed = self._all_reduce(self._all_reduce(placed, ctx.groups.mp), ctx.groups.dp)
+        return placed / count
+
+    # -- the scorer's only collectives: counted, and all sketch- or score-sized ---------------
+    def _all_reduce(self, tensor: torch.Tensor, group) -> torch.Tensor:
+        size = torch.distributed.get_world_size(group)
+        if size > 1:
+            tensor = tensor.contiguous()
+            torch.distributed.all_reduce(tensor, group=group)
+            self.comm_bytes += 2 * (size - 1) * tensor.numel() * tensor.element_size() // size
+        return tensor
+
+    def _all_gather(self, tensor: torch.Tensor, group) -> torch.Tensor:
+        size = torch.distributed.get_world_size(group)
+        if size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(size)]
+        torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
+        self.comm_bytes += (size - 1) * tensor.numel() * tensor.element_size()
+        return torch.cat(parts)

@@ -1,0 +1,88 @@
+"""blade-pretrain's configuration: ``--config`` YAML under the flags, and ``--dry-run``."""
+
+import json
+
+import pytest
+
+from blade_mega.config import parse_args
+from blade_mega.errors import UserError
+from blade_mega.pretrain import main
+
+
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
+@pytest.fixture
+def base(demo_data) -> list[str]:
+    return ["--tokenizer-model", demo_data.tokenizer_model, "--data-path", demo_data.pool_prefix]
+
+
+def test_yaml_values_apply_and_flags_override_them(tmp_path, base):
+    config = tmp_path / "run.yaml"
+    config.write_text("seq-length: 32\nmicro_batch_size: 2\nlr: 0.005\nselection: highloss\n"
+                      "data-path: [a_text_document, b_text_document]\n")
+    args = parse_args(["--config", str(config), *base[:2], "--lr", "0.01"])
+    assert (args.seq_length, args.micro_batch_size, args.selection) == (32, 2, "highloss")
+    assert args.data_path == ["a_text_document", "b_text_document"]
+    assert args.lr == 0.01  # the flag wins over the file
+
+
+def test_yaml_values_are_validated_like_flags(tmp_path, base):
+    config = tmp_path / "run.yaml"
+    config.write_text("seq-length: 4096\n")  # above tiny's 256 positions
+    with pytest.raises(UserError, match="--seq-length 4096 is above"):
+        parse_args(["--config", str(config), *base])
+    config.write_text("model-size: huge\n")
+    with pytest.raises(UserError, match="model-size: 'huge' is not one of"):
+        parse_args(["--config", str(config), *base])
+
+
+def test_unknown_yaml_key_is_a_one_line_error(tmp_path, base, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("seq-length: 32\nlearning-rate: 0.1\n")
+    code, _, err = run_main(["--config", str(config), *base], capsys)
+    assert code == 2
+    assert err.splitlines() == [
+        f"error: {config}: unknown key 'learning-rate'; use flag names, e.g. micro-batch-size"]
+
+
+@pytest.mark.parametrize("text, problem", [("[1, 2]\n", "expected a mapping"),
+                                           ("a: [\n", "invalid YAML")])
+def test_malformed_yaml_is_a_user_error(tmp_path, base, text, problem):
+    config = tmp_path / "run.yaml"
+    config.write_text(text)
+    with pytest.raises(UserError, match=problem):
+        parse_args(["--config", str(config), *base])
+
+
+def test_dry_run_prints_the_resolved_config_and_layout_without_training(
+        tmp_path, base, capsys, monkeypatch):
+    # As rank 0 of 8 started by torchrun: the layout comes from the launcher's world size.
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    log = tmp_path / "log.jsonl"
+    code, out, _ = run_main([*base, "--dry-run", "--tensor-model-parallel-size", "2",
+                             "--pipeline-model-parallel-size", "2", "--global-batch-size", "16",
+                             "--micro-batch-size", "2", "--seq-length", "64",
+                             "--log-file", str(log), "--save", str(tmp_path / "ckpt")], capsys)
+    assert code == 0
+    resolved = json.loads(out)
+    assert resolved["layout"] == {"tp": 2, "pp": 2, "dp": 2}
+    assert (resolved["launcher"], resolved["world_size"]) == ("torchrun/deepspeed", 8)
+    assert resolved["microbatches_per_step"] == 4  # 16 / (2 x dp 2)
+    assert resolved["config"]["seq_length"] == 64
+    assert resolved["model"]["num_layers"] == 2  # the tiny preset
+    assert not log.exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_dry_run_rejects_a_layout_the_world_cannot_hold(base, capsys, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "6")
+    code, _, err = run_main([*base, "--dry-run", "--tensor-model-parallel-size", "4"], capsys)
+    assert code == 2
+    [line] = err.splitlines()
+    assert line.startswith("error: world size 6 is not divisible by tensor-model-parallel-size 4")

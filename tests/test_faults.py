@@ -1,0 +1,326 @@
+"""Faults during real runs: a rank killed mid-run, a torn or corrupted checkpoint, a full disk,
+non-finite losses.  The job must end (never hang), and nothing saved before the fault is lost.
+
+Jobs are real launches (torchrun, the deepspeed launcher, plain python) of ``blade_mega.pretrain``
+as subprocesses; a killed rank is found by scanning /proc for the launcher's descendants.
+"""
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from blade_mega import checkpoint
+from blade_mega.errors import UserError
+from blade_mega.testing import free_port
+
+BIN = os.path.dirname(sys.executable)
+HANG_LIMIT_S = 240  # far above any healthy exit: reaching it means the job hung
+
+
+def train_flags(demo_data, workdir: str, *extra: str) -> list[str]:
+    return ["--tokenizer-model", demo_data.tokenizer_model, "--data-path", demo_data.pool_prefix,
+            "--model-size", "tiny", "--seq-length", "64", "--global-batch-size", "8",
+            "--micro-batch-size", "2", "--train-iters", "400", "--log-interval", "1",
+            "--eval-interval", "0", "--no-progress", "--lr-warmup-iters", "2",
+            "--log-file", os.path.join(workdir, "log.jsonl"), *extra]
+
+
+def torchrun(ranks: int = 2) -> list[str]:
+    return [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(ranks),
+            "--master_port", str(free_port()), "-m", "blade_mega.pretrain"]
+
+
+def deepspeed_launcher(ranks: int = 2) -> list[str]:
+    # --no_local_rank: our parser takes the rank from the environment (as launch/deepspeed.sh).
+    return [os.path.join(BIN, "deepspeed"), "--num_accelerators", str(ranks), "--master_port",
+            str(free_port()), "--no_local_rank", "--module", "blade_mega.pretrain"]
+
+
+def single_process() -> list[str]:
+    return [sys.executable, "-m", "blade_mega.pretrain"]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def run(cmd: list[str], file_limit: int = 0) -> subprocess.CompletedProcess:
+    def limit_file_size():  # a file-size limit: writes past it fail with EFBIG, like a full disk
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, resource.RLIM_INFINITY))
+
+    return subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=HANG_LIMIT_S,
+                          preexec_fn=limit_file_size if file_limit else None)
+
+
+def read_log(path: str) -> list[dict]:
+    records = []
+    if os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:  # the line being written right now
+                    pass
+    return records
+
+
+def train_losses(records: list[dict]) -> dict:
+    return {r["iteration"]: (r["loss"], r["block_crcs"]) for r in records if r["kind"] == "train"}
+
+
+def worker_pids(root: int) -> dict[int, int]:
+    """{rank: pid} of the pretrain workers below process ``root``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = {}, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"blade_mega.pretrain" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                variables = dict(v.split(b"=", 1) for v in f.read().split(b"\0") if b"=" in v)
+        except OSError:
+            continue
+        if b"RANK" in variables:
+            found[int(variables[b"RANK"])] = pid
+    return found
+
+
+def kill_rank_mid_run(launcher: list[str], flags: list[str], log_path: str, after_iteration: int,
+                      rank: int = 1, sig=signal.SIGKILL) -> dict:
+    """Start the job, wait until the log shows ``after_iteration``, send ``sig`` to one rank.
+    Returns the exit status, seconds from the signal to the job's exit, and the log so far."""
+    job = subprocess.Popen(launcher + flags, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           env=env(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + HANG_LIMIT_S
+        while max(train_losses(read_log(log_path)), default=0) < after_iteration:
+            assert job.poll() is None, job.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "the job never reached the kill point"
+            time.sleep(0.05)
+        ranks = worker_pids(job.pid)
+        assert sorted(ranks) == list(range(len(ranks))) and rank in ranks, ranks
+        os.kill(ranks[rank], sig)
+        signalled = time.monotonic()
+        output = job.communicate(timeout=HANG_LIMIT_S)[0].decode()
+        return {"returncode": job.returncode, "exit_s": time.monotonic() - signalled,
+                "output": output, "ranks": ranks, "log": read_log(log_path)}
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait()
+
+
+def assert_job_gone(outcome: dict) -> None:
+    assert outcome["returncode"] != 0
+    time.sleep(0.5)
+    survivors = [pid for pid in outcome["ranks"].values() if os.path.exists(f"/proc/{pid}")
+                 and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    assert not survivors, outcome["output"][-3000:]
+
+
+def latest_tag(save_dir: str) -> str:
+    with open(os.path.join(save_dir, checkpoint.LATEST)) as f:
+        return f.read().strip()
+
+
+def flip_middle_byte(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+# -- a rank killed mid-run ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def killed_under_torchrun(demo_data, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("killed_torchrun"))
+    save = os.path.join(workdir, "ckpt")
+    flags = train_flags(demo_data, workdir, "--save", save, "--save-interval", "5",
+                        "--keep-checkpoints", "3")
+    outcome = kill_rank_mid_run(torchrun(), flags, os.path.join(workdir, "log.jsonl"), 12)
+    return {**outcome, "save": save, "workdir": workdir}
+
+
+def test_sigkilled_rank_ends_the_torchrun_job(killed_under_torchrun):
+    assert_job_gone(killed_under_torchrun)
+    assert "SIGKILL" in killed_under_torchrun["output"]  # torchrun names the dead worker
+
+
+def test_resume_after_kill_continues_with_the_uninterrupted_losses(killed_under_torchrun,
+                                                                   demo_data, tmp_path):
+    save = killed_under_torchrun["save"]
+    tag = latest_tag(save)
+    assert checkpoint.check_complete(os.path.join(save, tag)) is None
+    start = int(tag.split("_")[1])
+    before_kill = train_losses(killed_under_torchrun["log"])
+    result = run(torchrun() + train_flags(demo_data, str(tmp_path), "--load", save,
+                                          "--exit-interval", str(start + 4)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = train_losses(read_log(str(tmp_path / "log.jsonl")))
+    assert min(resumed) == start + 1
+    overlap = sorted(set(resumed) & set(before_kill))
+    assert overlap, (sorted(resumed), sorted(before_kill))
+    assert {i: resumed[i] for i in overlap} == {i: before_kill[i] for i in overlap}
+
+
+def test_sigkilled_rank_ends_the_deepspeed_launcher_job_and_a_corrupt_latest_falls_back(
+        demo_data, tmp_path):
+    save = str(tmp_path / "ckpt")
+    flags = train_flags(demo_data, str(tmp_path), "--save", save, "--save-interval", "5",
+                        "--keep-checkpoints", "3")
+    outcome = kill_rank_mid_run(deepspeed_launcher(), flags, str(tmp_path / "log.jsonl"), 12)
+    assert_job_gone(outcome)
+    tag = latest_tag(save)
+    previous = checkpoint.tag_for(int(tag.split("_")[1]) - 5)
+    damaged = os.path.join(save, tag, "zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    flip_middle_byte(damaged)  # same size: only the checksum can tell
+    resume_dir = tmp_path / "resume"
+    result = run(torchrun() + train_flags(demo_data, str(resume_dir), "--load", save,
+                                          "--exit-interval", str(int(tag.split("_")[1]))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stdout.splitlines() if "skipped broken" in line]
+    assert len(warnings) == 1 and damaged in warnings[0] and f"loading {previous}" in warnings[0]
+    resumed = train_losses(read_log(str(resume_dir / "log.jsonl")))
+    before_kill = train_losses(outcome["log"])
+    assert min(resumed) == int(previous.split("_")[1]) + 1
+    assert {i: resumed[i] for i in resumed} == {i: before_kill[i] for i in resumed}
+
+
+# -- damaged checkpoints: what a kill during a save, or later damage, leaves behind ----------------
+
+@pytest.fixture
+def two_checkpoints(killed_under_torchrun, tmp_path):
+    """A copy of the killed run's checkpoints (iter_0000005 and the latest)."""
+    save = str(tmp_path / "ckpt")
+    shutil.copytree(killed_under_torchrun["save"], save)
+    return save, latest_tag(save)
+
+
+def test_save_killed_before_its_manifest_is_never_loaded(two_checkpoints):
+    save, tag = two_checkpoints
+    torn = os.path.join(save, checkpoint.tag_for(999))
+    shutil.copytree(os.path.join(save, tag), torn)
+    os.remove(os.path.join(torn, checkpoint.MANIFEST))  # killed after the files, before manifest
+    assert checkpoint.find_loadable(save)[0] == tag
+    checkpoint._prune(save, keep=1)  # a torn save does not count towards --keep-checkpoints
+    assert checkpoint.check_complete(os.path.join(save, tag)) is None
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda path: os.truncate(path, os.path.getsize(path) // 2), "truncated or changed"),
+    (flip_middle_byte, "CRC-32"),
+])
+def test_damaged_latest_names_the_file_and_falls_back(two_checkpoints, capsys, damage, problem):
+    save, tag = two_checkpoints
+    damaged = os.path.join(save, tag, "mp_rank_00_model_states.pt")
+    damage(damaged)
+    assert checkpoint.check_complete(os.path.join(save, tag)).startswith(damaged)
+    loaded, _ = checkpoint.find_loadable(save)
+    assert loaded < tag
+    warning = capsys.readouterr().out
+    assert damaged in warning and problem in warning
+
+
+def test_no_intact_checkpoint_is_one_clear_error(two_checkpoints):
+    save, _ = two_checkpoints
+    for tag in (t for t in os.listdir(save) if t.startswith("iter_")):
+        flip_middle_byte(os.path.join(save, tag, "run_state_rank00000.pt"))
+    with pytest.raises(UserError, match=r"no complete checkpoint in .*run_state_rank00000\.pt"):
+        checkpoint.find_loadable(save)
+
+
+# -- a full disk -----------------------------------------------------------------------------
+
+def test_disk_full_during_save_is_one_line_and_keeps_the_previous_checkpoint(demo_data, tmp_path):
+    save = str(tmp_path / "ckpt")
+    first = run(single_process() + train_flags(demo_data, str(tmp_path), "--save", save,
+                                               "--exit-interval", "2"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {name: open(os.path.join(save, "iter_0000002", name), "rb").read()
+              for name in os.listdir(os.path.join(save, "iter_0000002"))}
+    # Checkpoint files are > 1 MB; logs and small files still fit.
+    full = run(single_process() + train_flags(demo_data, str(tmp_path), "--load", save, "--save",
+                                              save, "--exit-interval", "4"), file_limit=10**6)
+    assert full.returncode == 2, full.stderr[-3000:]
+    errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
+    assert "iter_0000004: cannot write the checkpoint (File too large)" in errors[0]
+    assert latest_tag(save) == "iter_0000002"
+    assert checkpoint.find_loadable(save)[0] == "iter_0000002"
+    assert before == {name: open(os.path.join(save, "iter_0000002", name), "rb").read()
+                      for name in before}
+
+
+def test_disk_full_during_preprocessing_leaves_earlier_outputs_intact(demo_data, tmp_path):
+    prefix = str(tmp_path / "pool")
+    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "tools",
+                                        "preprocess_data.py"),
+           "--input", os.path.join(demo_data.corpus_dir, "target.jsonl"), "--output-prefix",
+           prefix, "--tokenizer-model", demo_data.tokenizer_model, "--append-eod",
+           "--no-progress"]
+    assert run(cmd).returncode == 0
+    outputs = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
+    full = run(cmd, file_limit=4096)
+    assert full.returncode == 2
+    assert full.stderr.startswith("error: cannot write") and "File too large" in full.stderr
+    assert full.stderr.count("\n") == 1
+    assert {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)} == outputs
+
+
+# -- non-finite losses -----------------------------------------------------------------------
+
+def same_tensors(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_tensors(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_tensors(x, y) for x, y in zip(a, b))
+    return True  # non-tensor metadata (paths, versions) may differ
+
+
+def test_nonfinite_losses_stop_with_the_last_good_state_saved(demo_data, tmp_path):
+    # lr 1e30: the first step is finite and throws the weights to ~1e30; every later loss is NaN.
+    absurd = ["--lr", "1e30", "--lr-warmup-iters", "1", "--global-batch-size", "4"]
+    bad_dir, good_dir = tmp_path / "bad", tmp_path / "good"
+    bad = run(single_process() + train_flags(demo_data, str(bad_dir), "--save",
+                                             str(bad_dir / "ckpt"), "--max-bad-steps", "3",
+                                             *absurd))
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1].startswith(
+        "error: 3 consecutive non-finite losses at iteration 1")
+    log = read_log(str(bad_dir / "log.jsonl"))
+    assert [r["consecutive"] for r in log if r["kind"] == "bad_step"] == [1, 2, 3]
+    assert [r["iteration"] for r in log if r["kind"] == "checkpoint"] == [1]
+    # The same run stopped cleanly after its one good step: the saved states must be identical.
+    good = run(single_process() + train_flags(demo_data, str(good_dir), "--save",
+                                              str(good_dir / "ckpt"), "--exit-interval", "1",
+                                              *absurd))
+    assert good.returncode == 0, good.stderr[-3000:]
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        saved = [torch.load(d / "ckpt" / "iter_0000001" / name, weights_only=False)
+                 for d in (bad_dir, good_dir)]
+        assert same_tensors(*saved), name
+    state = torch.load(bad_dir / "ckpt" / "iter_0000001" / "run_state_rank00000.pt",
+                       weights_only=False)
+    assert state["iteration"] == 1 and state["consumed"] == 4 * 4  # the bad blocks are skipped
