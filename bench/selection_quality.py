@@ -70,6 +70,10 @@ def build_data(directory: str, size_mb: float, vocab: int) -> dict:
 def run_method(paths: dict, method: str, seed: int, args, workdir: str,
                base: str | None = None) -> dict:
     log = os.path.join(workdir, f"{args.regime}_{method}_seed{seed}.jsonl")
+    if args.reuse and os.path.exists(log):
+        records = [json.loads(line) for line in open(log)]
+        if any(r["kind"] == "eval" and r["iteration"] == args.train_iters for r in records):
+            return summarise(records, seconds=float("nan"))
     if os.path.exists(log):
         os.remove(log)
     argv = ["--tokenizer-model", paths["tokenizer"], "--data-path", paths["pool"],
@@ -87,7 +91,10 @@ def run_method(paths: dict, method: str, seed: int, args, workdir: str,
         argv += ["--load", base, "--finetune"]
     started = time.perf_counter()
     records = run_distributed(pretrain_rank, 1, argv)[0]
-    seconds = time.perf_counter() - started
+    return summarise(records, time.perf_counter() - started)
+
+
+def summarise(records: list[dict], seconds: float) -> dict:
     evals = [r for r in records if r["kind"] == "eval"]
     train = [r for r in records if r["kind"] == "train"]
     shares = [r["trained_share"] for r in train if "trained_share" in r]
@@ -140,6 +147,8 @@ def main() -> None:
                         "--base-iters steps uniformly on the noisy pool (where a static "
                         "reference is expected to go stale)")
     p.add_argument("--base-iters", type=int, default=300)
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse finished runs' logs in --workdir (same settings assumed)")
     p.add_argument("--method-flags", nargs=argparse.REMAINDER, default=[],
                    help="extra pretrain flags for every selecting method (last on the line)")
     args = p.parse_args()

@@ -86,8 +86,10 @@ def save(save_dir: str, iteration: int, engine, run_state: dict, layout: Layout,
     except (OSError, RuntimeError) as err:
         if isinstance(err, RuntimeError) and not _is_write_error(err):
             raise
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-        raise UserError(f"{directory}: cannot write the checkpoint ({reason.splitlines()[0]}); "
+        # torch.save's own message for a failed write is an internal assertion: say what it means
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else \
+            "a write failed: disk full or file too large"
+        raise UserError(f"{directory}: cannot write the checkpoint ({reason}); "
                         f"free space in {save_dir} (or check its quota) and resume with --load "
                         "from the previous checkpoint, which is untouched") from None
     _barrier()

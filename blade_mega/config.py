@@ -20,6 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="blade-pretrain",
         description="Pretrain a Megatron-Core GPT with DeepSpeed ZeRO and online data selection.")
     p.add_argument("--config", help="YAML file of flag values (keys as flags, - or _); flags win")
+    # The deepspeed launcher appends --local_rank unless given --no_local_rank; ranks come from
+    # the environment (blade_mega/parallel.py), so it is accepted and ignored.
+    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config and parallel layout, then exit")
 
@@ -104,12 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rho-ref-load", help="load rho's static reference weights from this file")
     g.add_argument("--reweight-mix", type=float, default=0.0,
                    help="share of each candidate block drawn by the sidecar's keep rates")
-    g.add_argument("--sidecar-dir", help="where the per-document sidecar lives "
-                                         "(default: <save>/sidecar, else next to the dataset)")
     g.add_argument("--noise-labels", help="meta.jsonl with a 'noise' key per document, to log "
                                           "the share of each noise type kept (demo corpus)")
-    g.add_argument("--sketch-dim", type=int, default=64)
-    g.add_argument("--selection-diversity", type=float, default=0.0)
+    g.add_argument("--sketch-dim", type=int, default=64,
+                   help="sketch-influence: each layer's gradient sketch is k x k (k <= 8 or a "
+                        "multiple of 8)")
+    g.add_argument("--selection-diversity", type=float, default=0.0,
+                   help="beta: greedy top-k that subtracts beta * <S g_i, S g_j> against samples "
+                        "already chosen (sketch-influence)")
     return p
 
 

@@ -115,7 +115,8 @@ class StepLosses:
     token_losses: list[torch.Tensor] = field(default_factory=list)
 
 
-def _device() -> torch.device:
+def comm_device() -> torch.device:
+    """Where tensors must live for collectives: the GPU under nccl, the CPU under gloo."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
 
@@ -140,7 +141,7 @@ class PipelineRunner:
         per-token losses are known (token-level selection decides the mask there).
         """
         out = StepLosses()
-        device = _device()
+        device = comm_device()
         n = len(microbatches)
         dp = parallel_state.get_data_parallel_world_size()
         # DeepSpeed averages gradients over DP; undo it so the objective is a sum over the batch.
@@ -176,7 +177,7 @@ class PipelineRunner:
 def global_loss(losses: StepLosses) -> tuple[float, float]:
     """Sum the last stage's loss over data-parallel ranks and hand it to every pipeline stage."""
     totals = torch.tensor([losses.weighted_sum, losses.weight], dtype=torch.float64,
-                          device=_device())
+                          device=comm_device())
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     totals = broadcast_from_last_stage(totals, (2,), torch.float64)
     return float(totals[0]), float(totals[1])
@@ -188,9 +189,9 @@ def broadcast_from_last_stage(tensor: Optional[torch.Tensor], shape, dtype=torch
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return tensor
     if tensor is None:
-        tensor = torch.empty(shape, dtype=dtype, device=_device())
+        tensor = torch.empty(shape, dtype=dtype, device=comm_device())
     else:
-        tensor = tensor.to(_device(), dtype).contiguous()
+        tensor = tensor.to(comm_device(), dtype).contiguous()
     torch.distributed.broadcast(tensor, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                                 group=parallel_state.get_pipeline_model_parallel_group())
     return tensor

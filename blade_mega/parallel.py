@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,12 @@ class Layout:
         return Layout(tp, pp, world_size // (tp * pp))
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_distributed(tp: int, pp: int, timeout_minutes: float = 10.0) -> tuple[ProcessInfo, Layout]:
     """Start the process group and Megatron's parallel groups. Collectives time out, so a dead
     rank ends the job instead of hanging it."""
@@ -70,7 +77,8 @@ def init_distributed(tp: int, pp: int, timeout_minutes: float = 10.0) -> tuple[P
     os.environ.update(RANK=str(proc.rank), WORLD_SIZE=str(proc.world_size),
                       LOCAL_RANK=str(proc.local_rank))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    # A lone process has nobody to meet: any free port, so two single runs on a host coexist.
+    os.environ.setdefault("MASTER_PORT", str(_free_port()) if proc.world_size == 1 else "29500")
     if cuda_available():
         torch.cuda.set_device(proc.local_rank % torch.cuda.device_count())
     backend = "nccl" if cuda_available() else "gloo"

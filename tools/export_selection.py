@@ -30,39 +30,22 @@ import warnings
 import numpy
 
 from blade_mega.data.samples import open_indexed
-from blade_mega.data.sidecar import EXCESS_SUM, KEPT, SCORED
+from blade_mega.data import sidecar
+from blade_mega.data.sidecar import EXCESS_SUM, KEPT, SCORED, Sidecar
 from blade_mega.errors import UserError, run_cli
 
 with warnings.catch_warnings():  # megatron.core warns about optional GPU extensions on import
     warnings.simplefilter("ignore")
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-SIDECAR_SUFFIX = ".blade_sidecar.npy"
-
-
 def resolve_sidecar(path: str, prefix: str) -> str:
     """A sidecar file, or the checkpoint directory holding the one of ``prefix``."""
     if os.path.isdir(path):
-        path = os.path.join(path, os.path.basename(prefix) + SIDECAR_SUFFIX)
+        path = sidecar.path_in(path, prefix)
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such sidecar; pass --sidecar <checkpoint dir> or its "
-                        f"<dataset name>{SIDECAR_SUFFIX} file")
+                        f"<dataset name>{sidecar.SUFFIX} file")
     return path
-
-
-def load_table(path: str, num_documents: int, prefix: str) -> numpy.ndarray:
-    try:
-        table = numpy.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        raise UserError(f"{path}: not a readable sidecar ({str(err).splitlines()[0]}); "
-                        "pass the .blade_sidecar.npy saved in a checkpoint directory") from None
-    if table.ndim != 2 or table.shape[1] != 3 or not numpy.issubdtype(table.dtype, numpy.floating):
-        raise UserError(f"{path}: shape {table.shape} {table.dtype} is not a sidecar table "
-                        "(documents x 3 floats); pass the .blade_sidecar.npy of a checkpoint")
-    if table.shape[0] != num_documents:
-        raise UserError(f"{path}: sidecar has {table.shape[0]} documents but {prefix} has "
-                        f"{num_documents}; pass the --data-path this sidecar was trained on")
-    return table
 
 
 def document_weights(table: numpy.ndarray, metric: str) -> numpy.ndarray:
@@ -148,7 +131,7 @@ def export(sidecar: str, data_path: str, output_prefix: str, metric: str, thresh
     dataset = open_indexed(data_path)
     num_documents = len(dataset.sequence_lengths)
     path = resolve_sidecar(sidecar, data_path)
-    weights = document_weights(load_table(path, num_documents, data_path), metric)
+    weights = document_weights(Sidecar.load(path, num_documents, data_path).table, metric)
     if not numpy.isfinite(weights).any() and not keep_unscored:
         raise UserError(f"{path}: no document was ever scored; train longer with selection on, "
                         "or pass --keep-unscored")

@@ -43,6 +43,7 @@ class CandidateBlockSampler:
             return Block(in_order, size)
         rng = np.random.default_rng([self.seed, step, 0xB1A5])
         weights = self.sample_weights()
+        weights[in_order] = 0.0  # a sample appears at most once per block
         drawn = rng.choice(len(weights), size=biased, replace=False, p=weights / weights.sum())
         return Block(np.concatenate([in_order, drawn.astype(np.int64)]), size - biased)
 

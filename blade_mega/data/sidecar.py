@@ -21,10 +21,11 @@ class Sidecar:
         self.table = np.zeros((num_documents, 3), dtype=np.float32)
 
     def update(self, documents: np.ndarray, kept: np.ndarray, scores: np.ndarray) -> None:
-        """Record one selection round: documents scored, which were kept, their (finite) scores."""
+        """Record one selection round: documents scored, the share of each that was kept
+        (0/1 for samples, a fraction for token-level masks), their (finite) scores."""
         finite = np.isfinite(scores)
         np.add.at(self.table[:, SCORED], documents[finite], 1.0)
-        np.add.at(self.table[:, KEPT], documents[finite & kept], 1.0)
+        np.add.at(self.table[:, KEPT], documents[finite], kept[finite].astype(np.float32))
         np.add.at(self.table[:, EXCESS_SUM], documents[finite], scores[finite].astype(np.float32))
 
     def keep_rate(self) -> np.ndarray:
@@ -44,17 +45,26 @@ class Sidecar:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str, num_documents: int) -> "Sidecar":
+    def load(cls, path: str, num_documents: int, prefix: str) -> "Sidecar":
+        """Read a saved table, checking it belongs to the dataset ``prefix``."""
         from blade_mega.errors import UserError
 
         try:
-            table = np.load(path, mmap_mode="r")
+            table = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as err:
-            raise UserError(f"{path}: not a readable sidecar ({err}); delete it or point "
-                            "--sidecar-dir elsewhere") from None
-        if table.shape != (num_documents, 3) or table.dtype != np.float32:
-            raise UserError(f"{path}: sidecar has shape {table.shape}, expected "
-                            f"({num_documents}, 3) float32; it belongs to another dataset")
+            raise UserError(f"{path}: not a readable sidecar ({str(err).splitlines()[0]}); "
+                            "pass the .blade_sidecar.npy saved in a checkpoint directory") from None
+        if table.ndim != 2 or table.shape[1] != 3 or not np.issubdtype(table.dtype, np.floating):
+            raise UserError(f"{path}: shape {table.shape} {table.dtype} is not a sidecar table "
+                            "(documents x 3 floats); pass the .blade_sidecar.npy of a checkpoint")
+        if table.shape[0] != num_documents:
+            raise UserError(f"{path}: sidecar has {table.shape[0]} documents but {prefix} has "
+                            f"{num_documents}; pass the --data-path this sidecar was trained on")
         sidecar = cls(num_documents)
         sidecar.table[:] = table
         return sidecar
+
+
+def path_in(directory: str, prefix: str) -> str:
+    """Where a checkpoint directory keeps the sidecar of dataset ``prefix``."""
+    return os.path.join(directory, os.path.basename(prefix) + SUFFIX)

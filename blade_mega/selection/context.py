@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from blade_mega.data.samples import BlendedWindows
+from blade_mega.engine import comm_device
 from blade_mega.data.sidecar import Sidecar
 from blade_mega.errors import UserError
 
@@ -54,10 +55,7 @@ def eval_loss(learner, windows: BlendedWindows, count: int, groups) -> float:
     local = ids[groups.dp_rank * per_rank:(groups.dp_rank + 1) * per_rank]
     samples = torch.from_numpy(np.stack([windows.tokens(int(i)) for i in local]))
     means = learner.sample_losses(samples).double()  # equal-length samples: mean of means
-    totals = torch.tensor([means.sum().item(), float(means.numel())], dtype=torch.float64)
+    totals = torch.tensor([means.sum().item(), float(means.numel())], dtype=torch.float64,
+                          device=comm_device())
     torch.distributed.all_reduce(totals, group=groups.dp)
     return float(totals[0] / totals[1])
-
-
-def sidecar_path(directory: str, prefix: str) -> str:
-    return os.path.join(directory, os.path.basename(prefix) + ".blade_sidecar.npy")

@@ -25,7 +25,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from blade_mega.engine import ModelEngine, broadcast_from_last_stage
+from blade_mega.data.sidecar import path_in
+from blade_mega.engine import ModelEngine, broadcast_from_last_stage, comm_device
 from blade_mega.errors import UserError
 from blade_mega.model import PRESETS
 from blade_mega.selection.base import SelectionContext, SelectionHook, TrainBatch
@@ -68,6 +69,7 @@ class ExcessLossSelector(SelectionHook):
         self.keep_ratio = args.keep_ratio
         self.warmup = args.selection_warmup_steps
         self._last_batch = None  # (samples, weights, normaliser) of the latest step, for w
+        self._lr = args.lr  # the learner's latest learning rate; the reference trains at it
         if not self.token_level:
             block = self.block_size(self.warmup)
             unit = ctx.groups.dp_size * args.micro_batch_size
@@ -87,7 +89,7 @@ class ExcessLossSelector(SelectionHook):
         if step < self.warmup:
             return super().select(step, block_ids)
         if self.reference is not None and self.reference.due(step, self.warmup):
-            self.reference.sync_and_train(self.scorer, self._reference_lr(), self._last_batch)
+            self.reference.sync_and_train(self.scorer, self._lr, self._last_batch)
         if self.token_level:
             return self._select_tokens(block_ids)
         return self._select_samples(block_ids)
@@ -97,10 +99,10 @@ class ExcessLossSelector(SelectionHook):
         if step >= self.warmup and self.token_level:
             self._finish_token_step(batch)  # sets batch.weights to this step's masks (alpha)
         self._last_batch = (batch.samples, batch.weights, batch.normaliser)
-        if step < self.warmup:
-            return {"selecting": 0.0}
         if self.proxy is not None:  # u' follows u: same batch, same alpha
             self.proxy.train_step(self.microbatches(batch), batch.normaliser, lr)
+        if step < self.warmup:
+            return {"selecting": 0.0}
         stats = dict(batch.stats, selecting=1.0, hook_comm_bytes=float(self.comm_bytes))
         if self.reference is not None:
             stats["ref_divergence"] = self.reference.last_divergence
@@ -109,9 +111,6 @@ class ExcessLossSelector(SelectionHook):
             stats["ref_synced"] = float(self.reference.due(step, self.warmup))
         self.comm_bytes = 0
         return stats
-
-    def _reference_lr(self) -> float:
-        return getattr(self, "_lr", self.ctx.args.lr)
 
     # -- scoring ---------------------------------------------------------------------------
     def sample_scores(self, block_ids: np.ndarray) -> np.ndarray:
@@ -131,10 +130,11 @@ class ExcessLossSelector(SelectionHook):
         g = self.ctx.groups
         if g.dp_size == 1:
             return local.numpy().copy()
+        local = local.to(comm_device()).contiguous()
         parts = [torch.empty_like(local) for _ in range(g.dp_size)]
-        torch.distributed.all_gather(parts, local.contiguous(), group=g.dp)
+        torch.distributed.all_gather(parts, local, group=g.dp)
         self.comm_bytes += local.numel() * local.element_size() * (g.dp_size - 1)
-        return torch.cat(parts).numpy()
+        return torch.cat(parts).cpu().numpy()
 
     # -- sample level ----------------------------------------------------------------------
     def _select_samples(self, block_ids: np.ndarray) -> TrainBatch:
@@ -142,15 +142,19 @@ class ExcessLossSelector(SelectionHook):
         scores = self.sample_scores(block_ids)
         keep = top_k_samples(scores, block_ids, ctx.global_batch)
         stats = {"nonfinite_scores": float((~np.isfinite(scores)).sum())}
-        if len(keep) < ctx.global_batch:
-            warnings.warn(f"only {len(keep)} finite scores in a block of {len(block_ids)}; "
-                          "training on the block uniformly this step")
+        if len(keep) == 0:
+            warnings.warn(f"no finite score in a block of {len(block_ids)}; training on the "
+                          "block's first samples uniformly this step")
             keep = np.arange(ctx.global_batch)
             stats["uniform_fallback"] = 1.0
+        elif len(keep) < ctx.global_batch:
+            # Fewer scorable samples than the batch: top up with unscored ones in block order.
+            unscored = np.flatnonzero(~np.isfinite(scores))
+            keep = np.concatenate([keep, unscored[:ctx.global_batch - len(keep)]])
         kept_mask = np.zeros(len(block_ids), dtype=bool)
         kept_mask[keep] = True
         stats.update(self._selection_stats(block_ids, kept_mask.astype(np.float64), scores))
-        self._update_sidecars(block_ids, kept_mask, scores)
+        self._update_sidecars(block_ids, kept_mask.astype(np.float64), scores)
         ids = self.local_share(block_ids[keep])
         samples = self.read(ids)
         weights = torch.ones(samples.size(0), samples.size(1) - 1)
@@ -201,26 +205,28 @@ class ExcessLossSelector(SelectionHook):
             batch.weights = masks  # alpha of this step, for the reference's L_train
             finite = torch.isfinite(excess)
             safe = torch.where(finite, excess, torch.zeros_like(excess))
+            kept_finite = masks * finite
             summary = torch.stack([
                 masks.mean(1),                                    # kept share of the sample
                 safe.sum(1) / finite.sum(1).clamp(min=1),         # its mean finite excess
                 (~finite).sum(1).float(),                         # non-finite token scores
-                (safe * masks).sum(1), masks.sum(1),              # kept excess sum, kept count
+                (safe * kept_finite).sum(1), kept_finite.sum(1),  # kept: excess sum, count
+                safe.sum(1), finite.sum(1).float(),               # finite: excess sum, count
             ], dim=1).float()
-        summary = broadcast_from_last_stage(summary, (n, 5)).cpu()
+        columns = 7
+        summary = broadcast_from_last_stage(summary, (n, columns)).cpu()
         if ctx.args.pipeline_model_parallel_size > 1:
             self.comm_bytes += summary.numel() * 4
-        gathered = self.all_gather_dp(summary.reshape(-1)).reshape(-1, 5)
+        gathered = self.all_gather_dp(summary.reshape(-1)).reshape(-1, columns)
         all_ids = batch.candidates  # DP shares are contiguous, so gathered rows follow the block
         kept_share, mean_excess = gathered[:, 0], gathered[:, 1]
-        kept_excess = gathered[:, 3].sum() / max(gathered[:, 4].sum(), 1.0)
-        dropped_count = gathered[:, 0].size * ctx.tokens_per_sample - gathered[:, 4].sum()
-        total_excess = (gathered[:, 1] * ctx.tokens_per_sample).sum()
-        dropped_excess = (total_excess - gathered[:, 3].sum()) / max(dropped_count, 1.0)
+        kept_sum, kept_count, finite_sum, finite_count = gathered[:, 3:7].sum(axis=0)
+        kept_excess = kept_sum / max(kept_count, 1.0)
+        dropped_excess = (finite_sum - kept_sum) / max(finite_count - kept_count, 1.0)
         batch.stats.update(self._selection_stats(all_ids, kept_share, mean_excess))
         batch.stats.update(excess_kept=float(kept_excess), excess_dropped=float(dropped_excess),
                            nonfinite_scores=float(gathered[:, 2].sum()))
-        self._update_sidecars(all_ids, kept_share >= 0.5, mean_excess)
+        self._update_sidecars(all_ids, kept_share, mean_excess)
 
     # -- bookkeeping -----------------------------------------------------------------------
     def _selection_stats(self, ids: np.ndarray, kept: np.ndarray, scores: np.ndarray) -> dict:
@@ -241,7 +247,7 @@ class ExcessLossSelector(SelectionHook):
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         state = {"sidecars": [s.table.copy() for s in self.ctx.sidecars],
-                 "last_batch": self._last_batch, "lr": getattr(self, "_lr", None)}
+                 "last_batch": self._last_batch, "lr": self._lr}
         if self.reference is not None:
             state["reference"] = self.reference.state_dict()
         return state
@@ -250,21 +256,18 @@ class ExcessLossSelector(SelectionHook):
         for sidecar, table in zip(self.ctx.sidecars, state["sidecars"]):
             sidecar.table[:] = table
         self._last_batch = state["last_batch"]
-        if state.get("lr") is not None:
-            self._lr = state["lr"]
+        self._lr = state["lr"]
         if self.reference is not None:
             self.reference.load_state_dict(state["reference"])
 
     def save_engines(self, directory: str, tag: str) -> None:
-        from blade_mega.selection.context import sidecar_path
-
         if self.reference is not None:
             self.reference.save(directory)
         if self.proxy is not None:
             self.proxy.engine.save_checkpoint(directory, tag="proxy", save_latest=False)
         if torch.distributed.get_rank() == 0:
             for part, sidecar in zip(self.ctx.train.parts, self.ctx.sidecars):
-                sidecar.save(sidecar_path(directory, part.prefix))
+                sidecar.save(path_in(directory, part.prefix))
 
     def load_engines(self, directory: str, tag: str) -> None:
         if self.reference is not None:

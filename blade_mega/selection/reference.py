@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from blade_mega.engine import ModelEngine, split_microbatches
+from blade_mega.engine import ModelEngine, comm_device, split_microbatches
 from blade_mega.errors import UserError
 
 
@@ -75,10 +75,10 @@ class Reference:
     @torch.no_grad()
     def divergence(self, learner: ModelEngine) -> float:
         """||u - w|| / ||u|| over the whole model (summed over TP shards and PP stages)."""
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=comm_device())
         for u, w in zip(learner.module.parameters(), self.model.module.parameters()):
-            sums[0] += (u.detach().double() - w.detach().double()).pow(2).sum().cpu()
-            sums[1] += u.detach().double().pow(2).sum().cpu()
+            sums[0] += (u.detach().double() - w.detach().double()).pow(2).sum()
+            sums[1] += u.detach().double().pow(2).sum()
         torch.distributed.all_reduce(sums, group=self.ctx.groups.mp)
         return float(torch.sqrt(sums[0] / sums[1]))
 
