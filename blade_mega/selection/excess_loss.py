@@ -143,7 +143,7 @@ class ExcessLossSelector(SelectionHook):
         keep = top_k_samples(scores, block_ids, ctx.global_batch)
         stats = {"nonfinite_scores": float((~np.isfinite(scores)).sum())}
         if len(keep) == 0:
-            warnings.warn(f"no finite score in a block of {len(block_ids)}; training on the "
+            warnings.warn(f"no finite scores in a block of {len(block_ids)}; training on the "
                           "block's first samples uniformly this step")
             keep = np.arange(ctx.global_batch)
             stats["uniform_fallback"] = 1.0
