@@ -56,44 +56,73 @@ def _barrier() -> None:
 def save(save_dir: str, iteration: int, engine, run_state: dict, layout: Layout,
          hook=None, keep: int = 2) -> str:
     tag = tag_for(iteration)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    rank = _rank()
     directory = os.path.join(save_dir, tag)
     if rank == 0 and os.path.isdir(directory):
         shutil.rmtree(directory)  # a stale, incomplete attempt at this tag
     _barrier()
+    # Each phase ends with every rank agreeing on success, so a write that fails on one rank
+    # makes every rank stop with the same message instead of leaving the others in a collective.
+    problem = _guarded(lambda: _write_files(save_dir, tag, engine, run_state, hook, rank))
+    _raise_if_any(problem, directory, save_dir)
+    files = {}
+    if rank == 0:
+        for root, _, names in os.walk(directory):
+            for name in names:
+                path = os.path.join(root, name)
+                files[os.path.relpath(path, directory)] = os.path.getsize(path)
+    files = _from_rank0(files)
+    crcs = _split_over_ranks(lambda name: _crc32(os.path.join(directory, name)), files)
+    problem = None
+    if rank == 0:
+        manifest = {"iteration": iteration, "tp": layout.tp, "pp": layout.pp,
+                    "dp": layout.dp, "files": files, "crc32": crcs}
+        problem = _guarded(lambda: (
+            _write_atomic(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1)),
+            _write_atomic(os.path.join(save_dir, LATEST), tag),
+            _prune(save_dir, tag, keep)))
+    _raise_if_any(problem, directory, save_dir)
+    return directory
+
+
+def _write_files(save_dir: str, tag: str, engine, run_state: dict, hook, rank: int) -> None:
+    directory = os.path.join(save_dir, tag)
+    engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
+    if hook is not None:
+        hook.save_engines(directory)
+    state_path = os.path.join(directory, f"run_state_rank{rank:05d}.pt")
+    torch.save({**run_state, "rng": rng_state()}, state_path + ".tmp")
+    os.replace(state_path + ".tmp", state_path)
+
+
+def _guarded(write) -> Optional[str]:
+    """Run a write; None if it worked, else why it failed (only write failures are caught)."""
     try:
-        engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
-        if hook is not None:
-            hook.save_engines(directory, tag)
-        state_path = os.path.join(directory, f"run_state_rank{rank:05d}.pt")
-        torch.save({**run_state, "rng": rng_state()}, state_path + ".tmp")
-        os.replace(state_path + ".tmp", state_path)
-        _barrier()
-        files = {}
-        if rank == 0:
-            for root, _, names in os.walk(directory):
-                for name in names:
-                    path = os.path.join(root, name)
-                    files[os.path.relpath(path, directory)] = os.path.getsize(path)
-        files = _from_rank0(files)
-        crcs = _split_over_ranks(lambda name: _crc32(os.path.join(directory, name)), files)
-        if rank == 0:
-            manifest = {"iteration": iteration, "tp": layout.tp, "pp": layout.pp,
-                        "dp": layout.dp, "files": files, "crc32": crcs}
-            _write_atomic(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1))
-            _write_atomic(os.path.join(save_dir, LATEST), tag)
-            _prune(save_dir, keep)
+        write()
     except (OSError, RuntimeError) as err:
         if isinstance(err, RuntimeError) and not _is_write_error(err):
             raise
         # torch.save's own message for a failed write is an internal assertion: say what it means
-        reason = err.strerror if isinstance(err, OSError) and err.strerror else \
+        return err.strerror if isinstance(err, OSError) and err.strerror else \
             "a write failed: disk full or file too large"
+    return None
+
+
+def _agree(problem: Optional[str]) -> Optional[str]:
+    """The first rank's problem, on every rank (None if no rank had one). A collective."""
+    if not torch.distributed.is_initialized():
+        return problem
+    problems = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(problems, problem)
+    return next((p for p in problems if p is not None), None)
+
+
+def _raise_if_any(problem: Optional[str], directory: str, save_dir: str) -> None:
+    reason = _agree(problem)
+    if reason is not None:
         raise UserError(f"{directory}: cannot write the checkpoint ({reason}); "
                         f"free space in {save_dir} (or check its quota) and resume with --load "
-                        "from the previous checkpoint, which is untouched") from None
-    _barrier()
-    return directory
+                        "from the previous checkpoint, which is untouched")
 
 
 def _is_write_error(err: RuntimeError) -> bool:
@@ -140,11 +169,12 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _prune(save_dir: str, keep: int) -> None:
+def _prune(save_dir: str, current: str, keep: int) -> None:
+    """Keep the ``keep`` newest complete checkpoints up to ``current``. Incomplete ones (a torn
+    save) do not count, and tags above ``current`` (another run's) are left alone."""
     if keep <= 0:
         return
-    # Count complete checkpoints only: a torn save must not push a good one out.
-    tags = sorted(t for t in os.listdir(save_dir) if t.startswith("iter_"))
+    tags = sorted(t for t in os.listdir(save_dir) if t.startswith("iter_") and t <= current)
     complete = [t for t in tags if os.path.isfile(os.path.join(save_dir, t, MANIFEST))]
     if len(complete) <= keep:
         return
@@ -154,21 +184,31 @@ def _prune(save_dir: str, keep: int) -> None:
             shutil.rmtree(os.path.join(save_dir, old), ignore_errors=True)
 
 
-def check_complete(directory: str) -> Optional[str]:
-    """None if the checkpoint in ``directory`` is complete and intact, else what is wrong with
-    it: sizes catch truncation, CRC-32s same-size corruption. Every rank must call it."""
+def _read_manifest(directory: str) -> tuple[Optional[str], Optional[dict]]:
+    """(problem, manifest) from the manifest and the files' sizes."""
     manifest_path = os.path.join(directory, MANIFEST)
     try:
         with open(manifest_path) as f:
             manifest = json.load(f)
     except (OSError, ValueError):
-        return f"{manifest_path}: missing or unreadable (the save did not finish)"
+        return f"{manifest_path}: missing or unreadable (the save did not finish)", None
     for name, size in manifest["files"].items():
         path = os.path.join(directory, name)
         if not os.path.isfile(path):
-            return f"{path}: missing"
+            return f"{path}: missing", None
         if os.path.getsize(path) != size:
-            return f"{path}: {os.path.getsize(path)} bytes, expected {size} (truncated or changed)"
+            return (f"{path}: {os.path.getsize(path)} bytes, expected {size} "
+                    "(truncated or changed)"), None
+    return None, manifest
+
+
+def check_complete(directory: str) -> Optional[str]:
+    """None if the checkpoint in ``directory`` is complete and intact, else what is wrong with
+    it: sizes catch truncation, CRC-32s same-size corruption. Every rank must call it; rank 0's
+    view of the manifest and sizes decides, so all ranks take the same path."""
+    problem, manifest = _from_rank0(_read_manifest(directory) if _rank() == 0 else None)
+    if problem is not None:
+        return problem
     expected = manifest.get("crc32", {})  # absent in manifests written before checksums
     actual = _split_over_ranks(lambda name: _crc32(os.path.join(directory, name)), expected)
     for name in sorted(expected):
@@ -186,8 +226,9 @@ def find_loadable(load_dir: str) -> tuple[str, dict]:
                         "from scratch")
     with open(latest_path) as f:
         latest = f.read().strip()
+    # Fall back only to older checkpoints: a newer tag belongs to another run in this directory.
     candidates = [latest] + sorted((t for t in os.listdir(load_dir)
-                                    if t.startswith("iter_") and t != latest), reverse=True)
+                                    if t.startswith("iter_") and t < latest), reverse=True)
     problems = []
     for tag in candidates:
         problem = check_complete(os.path.join(load_dir, tag))
@@ -238,12 +279,16 @@ def load(load_dir: str, engine, layout: Layout, hook=None) -> dict:
         raise UserError(f"{os.path.join(load_dir, tag)}: DeepSpeed could not load this checkpoint")
     directory = os.path.join(load_dir, tag)
     if hook is not None:
-        hook.load_engines(directory, tag)
+        hook.load_engines(directory)
     state_path = os.path.join(directory, f"run_state_rank{_rank():05d}.pt")
+    state, problem = None, None
     try:
         state = torch.load(state_path, weights_only=False)
     except Exception as err:  # a corrupt pickle raises many types
-        raise UserError(f"{state_path}: unreadable run state ({type(err).__name__}); "
-                        "remove this checkpoint directory to fall back to the previous one")
+        problem = (f"{state_path}: unreadable run state ({type(err).__name__}); "
+                   "remove this checkpoint directory to fall back to the previous one")
+    problem = _agree(problem)  # every rank stops, not only the one with the bad file
+    if problem is not None:
+        raise UserError(problem)
     set_rng_state(state.pop("rng"))
     return state

@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the reference's optimizer state in host memory (ZeRO-Offload)")
     g.add_argument("--rho-ref-steps", type=int, default=None,
                    help="rho's one-off reference training steps (default: blade's total budget)")
-    g.add_argument("--rho-ref-load", help="load rho's static reference weights from this file")
+    g.add_argument("--rho-ref-load",
+                   help="take rho's static reference weights from the reference/ saved in this "
+                        "checkpoint directory (an iter_XXXXXXX/ of a rho or blade run)")
     g.add_argument("--reweight-mix", type=float, default=0.0,
                    help="share of each candidate block drawn by the sidecar's keep rates")
     g.add_argument("--noise-labels", help="meta.jsonl with a 'noise' key per document, to log "

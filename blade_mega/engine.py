@@ -234,7 +234,8 @@ class ModelEngine:
         if finite:
             self.engine.allreduce_gradients()
             self.engine.step()
-        else:
+        else:  # drop the gradients, DeepSpeed's copies included
+            self.engine.optimizer.zero_grad()
             for param in self.module.parameters():
                 param.grad = None
         return (weighted, weight), finite
@@ -267,8 +268,9 @@ class ModelEngine:
             mine.copy_(theirs)
         mine_fp32 = getattr(self.engine.optimizer, "single_partition_of_fp32_groups", None)
         theirs_fp32 = getattr(other.engine.optimizer, "single_partition_of_fp32_groups", None)
-        if mine_fp32 is not None and theirs_fp32 is not None:
+        if mine_fp32 is not None and theirs_fp32 is not None:  # ZeRO-1/2: exact fp32 masters
             for mine, theirs in zip(mine_fp32, theirs_fp32):
                 mine.data.copy_(theirs.data)
-        elif mine_fp32 is not None:
+        elif hasattr(self.engine.optimizer, "refresh_fp32_params"):
+            # Other wrappers (ZeRO-0 with bf16): masters re-read from the copied module weights.
             self.engine.optimizer.refresh_fp32_params()

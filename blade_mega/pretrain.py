@@ -252,7 +252,8 @@ class Trainer:
     # -- checkpoints ---------------------------------------------------------------------------
     def run_state(self) -> dict:
         return {"iteration": self.iteration, "consumed": self.consumed,
-                "hook": self.hook.state_dict(), "args": vars(self.args)}
+                "bad_steps": self.bad_steps, "hook": self.hook.state_dict(),
+                "args": vars(self.args)}
 
     def save(self) -> None:
         if self.iteration == self.saved_iteration:
@@ -267,6 +268,7 @@ class Trainer:
         state = checkpoint.load(self.args.load, self.learner.engine, self.layout, self.hook)
         self.iteration = state["iteration"]
         self.consumed = state["consumed"]
+        self.bad_steps = state.get("bad_steps", 0)
         self.hook.load_state_dict(state["hook"])
         if self.args.save and os.path.realpath(self.args.save) == os.path.realpath(self.args.load):
             self.saved_iteration = self.iteration

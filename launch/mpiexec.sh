@@ -29,7 +29,7 @@ if [[ -n "${HOSTFILE:-}" ]]; then
         exit 2
     fi
     # First host of the first non-comment line, without ":slots" or " slots=N".
-    first_host=$(grep -v '^[[:space:]]*\(#\|$\)' "$HOSTFILE" | head -n1 | awk '{print $1}' | cut -d: -f1)
+    first_host=$(awk '!/^[[:space:]]*(#|$)/ {print $1; exit}' "$HOSTFILE" | cut -d: -f1)
     MASTER_ADDR=${MASTER_ADDR:-$first_host}
 fi
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}

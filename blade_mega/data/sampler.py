@@ -15,6 +15,7 @@ import numpy as np
 
 from blade_mega.data.samples import BlendedWindows
 from blade_mega.data.sidecar import Sidecar
+from blade_mega.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class CandidateBlockSampler:
         rng = np.random.default_rng([self.seed, step, 0xB1A5])
         weights = self.sample_weights()
         weights[in_order] = 0.0  # a sample appears at most once per block
+        if np.count_nonzero(weights) < biased:
+            raise UserError(f"--reweight-mix: the training split has {len(weights)} samples, too "
+                            f"few for candidate blocks of {size}; use more data or a lower mix")
         drawn = rng.choice(len(weights), size=biased, replace=False, p=weights / weights.sum())
         return Block(np.concatenate([in_order, drawn.astype(np.int64)]), size - biased)
 

@@ -5,7 +5,7 @@ The loop calls a hook at fixed points, like OLMo-core's ``Callback(Stateful)``:
     block = sampler.block(step, consumed, hook.block_size(step))   # candidate ids (global)
     batch = hook.select(step, block.ids)    # this rank's samples + token weights
     losses = learner.train_step(...)        # masked loss in Megatron's forward step
-    metrics = hook.after_step(step, batch, losses)   # reference sync/training, sidecar
+    metrics = hook.after_step(step, batch, lr)       # reference sync/training, sidecar
     hook.state_dict() / hook.load_state_dict()       # with every checkpoint
 
 A hook gets everything it needs in a ``SelectionContext``; process groups are passed in there,
@@ -105,10 +105,10 @@ class SelectionHook:
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def save_engines(self, directory: str, tag: str) -> None:
+    def save_engines(self, directory: str) -> None:
         """Save any extra model engines (references) into ``directory``."""
 
-    def load_engines(self, directory: str, tag: str) -> None:
+    def load_engines(self, directory: str) -> None:
         pass
 
     # -- helpers for plug-ins ----------------------------------------------------------------

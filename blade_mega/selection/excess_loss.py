@@ -89,7 +89,7 @@ class ExcessLossSelector(SelectionHook):
         if step < self.warmup:
             return super().select(step, block_ids)
         if self.reference is not None and self.reference.due(step, self.warmup):
-            self.reference.sync_and_train(self.scorer, self._lr, self._last_batch)
+            self.reference.sync_and_train(self.scorer, self._lr, step, self._last_batch)
         if self.token_level:
             return self._select_tokens(block_ids)
         return self._select_samples(block_ids)
@@ -108,7 +108,7 @@ class ExcessLossSelector(SelectionHook):
             stats["ref_divergence"] = self.reference.last_divergence
             stats["ref_syncs"] = float(self.reference.syncs)
             # 1 on the step that synced: its window mean x selecting steps counts the syncs.
-            stats["ref_synced"] = float(self.reference.due(step, self.warmup))
+            stats["ref_synced"] = float(self.reference.last_sync_step == step)
         self.comm_bytes = 0
         return stats
 
@@ -208,7 +208,8 @@ class ExcessLossSelector(SelectionHook):
             kept_finite = masks * finite
             summary = torch.stack([
                 masks.mean(1),                                    # kept share of the sample
-                safe.sum(1) / finite.sum(1).clamp(min=1),         # its mean finite excess
+                torch.where(finite.any(1), safe.sum(1) / finite.sum(1).clamp(min=1),
+                            torch.full_like(masks[:, 0], math.nan)),  # mean finite excess
                 (~finite).sum(1).float(),                         # non-finite token scores
                 (safe * kept_finite).sum(1), kept_finite.sum(1),  # kept: excess sum, count
                 safe.sum(1), finite.sum(1).float(),               # finite: excess sum, count
@@ -260,7 +261,7 @@ class ExcessLossSelector(SelectionHook):
         if self.reference is not None:
             self.reference.load_state_dict(state["reference"])
 
-    def save_engines(self, directory: str, tag: str) -> None:
+    def save_engines(self, directory: str) -> None:
         if self.reference is not None:
             self.reference.save(directory)
         if self.proxy is not None:
@@ -269,7 +270,7 @@ class ExcessLossSelector(SelectionHook):
             for part, sidecar in zip(self.ctx.train.parts, self.ctx.sidecars):
                 sidecar.save(path_in(directory, part.prefix))
 
-    def load_engines(self, directory: str, tag: str) -> None:
+    def load_engines(self, directory: str) -> None:
         if self.reference is not None:
             self.reference.load(directory)
         if self.proxy is not None:
@@ -318,6 +319,11 @@ class BladeSelector(ExcessLossSelector):
 
     def __init__(self, ctx: SelectionContext):
         args = ctx.args
+        if args.zero_stage >= 2 and args.blade_lambda > 0:
+            raise UserError(
+                "--zero-stage 2 with --selection blade and --blade-lambda > 0: each reference "
+                "step runs the V batch and the selected batch (several micro-batches), which "
+                "ZeRO-2 cannot accumulate; use --zero-stage 1 or --blade-lambda 0")
         proxy_size = None if args.reference_model == "same" else PRESETS[args.reference_model]
         proxy = ctx.build_engine(proxy_size, False) if proxy_size else None
         reference = Reference(ctx, sync_interval=args.blade_sync_interval,

@@ -18,6 +18,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
 from blade_mega.engine import ModelEngine, comm_device, split_microbatches
 from blade_mega.errors import UserError
 
@@ -37,16 +39,18 @@ class Reference:
         self.steps_trained = 0
         self.last_divergence = float("nan")
         self.copy_on_sync = True  # False when the weights were loaded (--rho-ref-load)
+        self.last_sync_step = -1  # a step retried after a non-finite loss does not sync twice
 
     def due(self, step: int, warmup: int) -> bool:
-        if step < warmup:
+        if step < warmup or step == self.last_sync_step:
             return False
         since = step - warmup
         return since == 0 if math.isinf(self.sync_interval) else since % self.sync_interval == 0
 
-    def sync_and_train(self, learner: ModelEngine, lr: float,
+    def sync_and_train(self, learner: ModelEngine, lr: float, step: int,
                        last_batch: Optional[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
         """``w <- u``, then K steps. ``last_batch`` = (samples, alpha weights, normaliser)."""
+        self.last_sync_step = step
         self.last_divergence = self.divergence(learner)
         if self.copy_on_sync:
             self.model.copy_weights_from(learner)
@@ -74,9 +78,12 @@ class Reference:
 
     @torch.no_grad()
     def divergence(self, learner: ModelEngine) -> float:
-        """||u - w|| / ||u|| over the whole model (summed over TP shards and PP stages)."""
+        """||u - w|| / ||u|| over the whole model (summed over TP shards and PP stages; weights
+        that every TP rank holds a copy of count once)."""
         sums = torch.zeros(2, dtype=torch.float64, device=comm_device())
         for u, w in zip(learner.module.parameters(), self.model.module.parameters()):
+            if not param_is_not_tensor_parallel_duplicate(u):
+                continue
             sums[0] += (u.detach().double() - w.detach().double()).pow(2).sum()
             sums[1] += u.detach().double().pow(2).sum()
         torch.distributed.all_reduce(sums, group=self.ctx.groups.mp)
@@ -84,12 +91,15 @@ class Reference:
 
     def state_dict(self) -> dict:
         return {"target_consumed": self.target_consumed, "syncs": self.syncs,
-                "steps_trained": self.steps_trained}
+                "steps_trained": self.steps_trained, "last_sync_step": self.last_sync_step,
+                "last_divergence": self.last_divergence}
 
     def load_state_dict(self, state: dict) -> None:
         self.target_consumed = state["target_consumed"]
         self.syncs = state["syncs"]
         self.steps_trained = state["steps_trained"]
+        self.last_sync_step = state["last_sync_step"]
+        self.last_divergence = state["last_divergence"]
 
     def save(self, directory: str) -> None:
         self.model.engine.save_checkpoint(directory, tag="reference", save_latest=False)
