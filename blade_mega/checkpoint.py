@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 from megatron.core import tensor_parallel
 
+from blade_mega.atomic import write_atomic
 from blade_mega.errors import UserError
 from blade_mega.parallel import Layout
 
@@ -78,8 +79,9 @@ def save(save_dir: str, iteration: int, engine, run_state: dict, layout: Layout,
         manifest = {"iteration": iteration, "tp": layout.tp, "pp": layout.pp,
                     "dp": layout.dp, "files": files, "crc32": crcs}
         problem = _guarded(lambda: (
-            _write_atomic(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1)),
-            _write_atomic(os.path.join(save_dir, LATEST), tag),
+            write_atomic(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1),
+                         durable=True),
+            write_atomic(os.path.join(save_dir, LATEST), tag, durable=True),
             _prune(save_dir, tag, keep)))
     _raise_if_any(problem, directory, save_dir)
     return directory
@@ -158,15 +160,6 @@ def _split_over_ranks(fn: Callable[[str], object], names) -> dict:
     parts = [None] * world
     torch.distributed.all_gather_object(parts, mine)
     return {name: value for part in parts for name, value in part.items()}
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _prune(save_dir: str, current: str, keep: int) -> None:

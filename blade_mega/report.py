@@ -25,6 +25,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from blade_mega.atomic import write_atomic
 from blade_mega.errors import UserError
 
 LOG_NAME = "log.jsonl"
@@ -494,8 +495,4 @@ def write_report(runs: list[RunLog], output: str, title: str = "Pretraining run 
 
 
 def _write(path: str, data: bytes) -> None:
-    """Atomic: a reader (or a browser refresh) never sees a half-written file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    write_atomic(path, data)  # a browser refresh never sees a half-written page

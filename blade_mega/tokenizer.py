@@ -14,6 +14,7 @@ from typing import Iterable, Iterator, List, Sequence
 
 import sentencepiece as spm
 
+from blade_mega.atomic import write_atomic
 from blade_mega.errors import UserError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -224,14 +225,8 @@ def train_tokenizer(
 
 
 def _write_atomically(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
-        os.makedirs(directory, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        write_atomic(path, data)
     except OSError as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise UserError(f"cannot write {path} ({err.strerror}); choose a writable location") from None

@@ -31,6 +31,7 @@ import subprocess
 import sys
 import time
 
+from blade_mega.atomic import write_atomic
 from blade_mega.errors import UserError, run_cli
 
 # ---- The methods compared, and the blade-pretrain flags of each (tune them here). ------------
@@ -126,9 +127,7 @@ class Stages:
                 and all(os.path.exists(p) for p in outputs))
 
     def mark(self, name: str, settings: dict) -> None:
-        with open(self.path(name) + ".tmp", "w") as f:
-            json.dump(settings, f, indent=1)
-        os.replace(self.path(name) + ".tmp", self.path(name))
+        write_atomic(self.path(name), json.dumps(settings, indent=1))
 
 
 def banner(text: str) -> None:

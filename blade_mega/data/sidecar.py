@@ -8,9 +8,12 @@ rank holds the same table (updates are computed from all-gathered scores); rank 
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
+
+from blade_mega.atomic import write_atomic
 
 SCORED, KEPT, EXCESS_SUM = 0, 1, 2
 SUFFIX = ".blade_sidecar.npy"
@@ -39,10 +42,9 @@ class Sidecar:
 
     def save(self, path: str) -> None:
         """Atomic write: a reader never sees a half-written table."""
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
-            np.save(f, self.table)
-        os.replace(tmp, path)
+        buffer = io.BytesIO()
+        np.save(buffer, self.table)
+        write_atomic(path, buffer.getvalue())
 
     @classmethod
     def load(cls, path: str, num_documents: int, prefix: str) -> "Sidecar":
