@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset, get_bin_path, get_idx_path
 
 from blade_mega.data.inspect import verify
@@ -136,6 +137,10 @@ class BlendedWindows:
                 f"the model's vocab of {self.vocab_size}; the dataset was made with another "
                 "tokenizer: re-run tools/preprocess_data.py with this --tokenizer-model")
         return tokens
+
+    def read(self, global_ids) -> torch.Tensor:
+        """The windows of ``global_ids`` as one [n, seq_length + 1] int64 tensor."""
+        return torch.from_numpy(np.stack([self.tokens(int(i)) for i in global_ids]))
 
     def token_documents(self, global_id: int) -> tuple[int, np.ndarray]:
         part, local = self.locate(global_id)

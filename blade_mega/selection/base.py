@@ -37,6 +37,11 @@ class ProcessGroups:
     mp: object  # tensor x pipeline: one whole model replica
     is_last_stage: bool
 
+    def share(self, ids: np.ndarray) -> np.ndarray:
+        """This DP rank's contiguous share of a global id list."""
+        per_rank = len(ids) // self.dp_size
+        return ids[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+
 
 @dataclass
 class SelectionContext:
@@ -113,13 +118,10 @@ class SelectionHook:
 
     # -- helpers for plug-ins ----------------------------------------------------------------
     def local_share(self, ids: np.ndarray) -> np.ndarray:
-        """This DP rank's contiguous share of a global id list."""
-        g = self.ctx.groups
-        per_rank = len(ids) // g.dp_size
-        return ids[g.dp_rank * per_rank:(g.dp_rank + 1) * per_rank]
+        return self.ctx.groups.share(ids)
 
     def read(self, ids: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.stack([self.ctx.train.tokens(int(i)) for i in ids]))
+        return self.ctx.train.read(ids)
 
     def uniform_normaliser(self) -> float:
         return float(self.ctx.global_batch * self.ctx.tokens_per_sample)

@@ -50,9 +50,7 @@ def eval_loss(learner, windows: BlendedWindows, count: int, groups) -> float:
     per_rank_unit = groups.dp_size * learner.micro_batch_size
     count = max(per_rank_unit, (count // per_rank_unit) * per_rank_unit)
     ids = windows.ordered_ids(0, count)
-    per_rank = count // groups.dp_size
-    local = ids[groups.dp_rank * per_rank:(groups.dp_rank + 1) * per_rank]
-    samples = torch.from_numpy(np.stack([windows.tokens(int(i)) for i in local]))
+    samples = windows.read(groups.share(ids))
     means = learner.sample_losses(samples).double()  # equal-length samples: mean of means
     totals = torch.tensor([means.sum().item(), float(means.numel())], dtype=torch.float64,
                           device=comm_device())

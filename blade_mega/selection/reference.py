@@ -15,7 +15,6 @@ import math
 import os
 from typing import Optional
 
-import numpy as np
 import torch
 
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
@@ -63,9 +62,7 @@ class Reference:
         count = ctx.global_batch
         target_ids = ctx.target.ordered_ids(self.target_consumed, count)
         self.target_consumed += count
-        per_rank = count // ctx.groups.dp_size
-        local = target_ids[ctx.groups.dp_rank * per_rank:(ctx.groups.dp_rank + 1) * per_rank]
-        target_samples = torch.from_numpy(np.stack([ctx.target.tokens(int(i)) for i in local]))
+        target_samples = ctx.target.read(ctx.groups.share(target_ids))
         target_tokens = float(count * ctx.tokens_per_sample)
         micro = split_microbatches(target_samples, ctx.args.micro_batch_size)
         if self.lam > 0 and last_batch is not None:

@@ -136,8 +136,7 @@ class SketchInfluenceSelector(SelectionHook):
         count = ctx.global_batch
         ids = ctx.target.ordered_ids(self.target_consumed, count)
         self.target_consumed += count
-        local = self.local_share(ids)
-        samples = torch.from_numpy(np.stack([ctx.target.tokens(int(i)) for i in local]))
+        samples = ctx.target.read(self.local_share(ids))
         placed = place_in_slots(self.sketcher.sketch(samples).sum(0), self.sketcher)
         placed = self._all_reduce(self._all_reduce(placed, ctx.groups.mp), ctx.groups.dp)
         return placed / count
