@@ -82,3 +82,26 @@ def pretrain_rank(argv: list[str]) -> list[dict]:
         return []
     with open(args.log_file) as f:
         return [json.loads(line) for line in f]
+
+
+def trainer_in_rank(argv: list[str], tp: int = 1, pp: int = 1):
+    """A built ``Trainer`` (learner, data, hook) inside a rank whose process group is up, with
+    Megatron's groups (re)made for ``tp`` x ``pp``: for tests that drive the hook directly."""
+    import torch
+    from megatron.core import parallel_state
+
+    from blade_mega.config import parse_args
+    from blade_mega.parallel import Layout
+    from blade_mega.pretrain import Trainer
+
+    current = ((parallel_state.get_tensor_model_parallel_world_size(),
+                parallel_state.get_pipeline_model_parallel_world_size())
+               if parallel_state.model_parallel_is_initialized() else None)
+    if current != (tp, pp):
+        if current is not None:
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                                 pipeline_model_parallel_size=pp)
+    args = parse_args(argv + ["--tensor-model-parallel-size", str(tp),
+                              "--pipeline-model-parallel-size", str(pp)])
+    return Trainer(args, Layout.from_world(torch.distributed.get_world_size(), tp, pp))

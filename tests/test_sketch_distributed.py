@@ -29,19 +29,10 @@ def _argv(data):
             "--selection", "sketch-influence"]
 
 
-def _trainer(argv, tp, pp):
-    from megatron.core import parallel_state
+def _trainer(argv, tp=1, pp=1):
+    from blade_mega.testing import trainer_in_rank
 
-    from blade_mega.config import parse_args
-    from blade_mega.parallel import Layout
-    from blade_mega.pretrain import Trainer
-
-    parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                             pipeline_model_parallel_size=pp)
-    args = parse_args(argv + ["--tensor-model-parallel-size", str(tp),
-                              "--pipeline-model-parallel-size", str(pp)])
-    return Trainer(args, Layout.from_world(WORLD, tp, pp))
+    return trainer_in_rank(argv, tp, pp)
 
 
 def _recording_collectives(record):
