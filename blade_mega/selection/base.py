@@ -24,6 +24,7 @@ import torch
 from blade_mega.data.samples import BlendedWindows
 from blade_mega.data.sidecar import Sidecar
 from blade_mega.engine import ModelEngine, split_microbatches
+from blade_mega.errors import UserError
 from blade_mega.model import ModelSize
 
 
@@ -122,6 +123,27 @@ class SelectionHook:
 
     def read(self, ids: np.ndarray) -> torch.Tensor:
         return self.ctx.train.read(ids)
+
+    def candidate_block(self) -> int:
+        """Size of a sample-level candidate block: global_batch / keep_ratio samples, which each
+        DP rank scores in whole micro-batches."""
+        args = self.ctx.args
+        block = int(round(self.ctx.global_batch / args.keep_ratio))
+        unit = self.ctx.groups.dp_size * args.micro_batch_size
+        if block % unit:
+            raise UserError(
+                f"--selection {args.selection} scores a block of {block} = --global-batch-size / "
+                f"--keep-ratio samples, which must be a multiple of --micro-batch-size x "
+                f"data-parallel size = {unit}; adjust --keep-ratio or the batch sizes")
+        return block
+
+    def train_on(self, block_ids: np.ndarray, keep: np.ndarray, stats: dict) -> TrainBatch:
+        """The batch of the kept block positions ``keep``: this DP rank's share, all weights 1."""
+        ids = self.local_share(block_ids[keep])
+        samples = self.read(ids)
+        weights = torch.ones(samples.size(0), samples.size(1) - 1)
+        return TrainBatch(ids, samples, weights, self.uniform_normaliser(),
+                          candidates=block_ids, stats=stats)
 
     def uniform_normaliser(self) -> float:
         return float(self.ctx.global_batch * self.ctx.tokens_per_sample)

@@ -70,20 +70,13 @@ class ExcessLossSelector(SelectionHook):
         self.warmup = args.selection_warmup_steps
         self._last_batch = None  # (samples, weights, normaliser) of the latest step, for w
         self._lr = args.lr  # the learner's latest learning rate; the reference trains at it
-        if not self.token_level:
-            block = self.block_size(self.warmup)
-            unit = ctx.groups.dp_size * args.micro_batch_size
-            if block % unit:
-                raise UserError(
-                    f"sample-level selection scores a block of {block} = --global-batch-size / "
-                    f"--keep-ratio samples, which must be a multiple of --micro-batch-size x "
-                    f"data-parallel size = {unit}; adjust --keep-ratio or the batch sizes")
+        self.block = None if self.token_level else self.candidate_block()
 
     # -- call points ---------------------------------------------------------------------------
     def block_size(self, step: int) -> int:
         if self.token_level or step < self.warmup:
             return self.ctx.global_batch
-        return int(round(self.ctx.global_batch / self.keep_ratio))
+        return self.block
 
     def select(self, step: int, block_ids: np.ndarray) -> TrainBatch:
         if step < self.warmup:
@@ -155,10 +148,7 @@ class ExcessLossSelector(SelectionHook):
         kept_mask[keep] = True
         stats.update(self._selection_stats(block_ids, kept_mask.astype(np.float64), scores))
         self._update_sidecars(block_ids, kept_mask.astype(np.float64), scores)
-        ids = self.local_share(block_ids[keep])
-        samples = self.read(ids)
-        weights = torch.ones(samples.size(0), samples.size(1) - 1)
-        return TrainBatch(ids, samples, weights, self.uniform_normaliser(), stats=stats)
+        return self.train_on(block_ids, keep, stats)
 
     # -- token level -----------------------------------------------------------------------
     def _select_tokens(self, block_ids: np.ndarray) -> TrainBatch:

@@ -53,16 +53,9 @@ class SketchInfluenceSelector(SelectionHook):
             raise UserError(f"--selection-diversity {args.selection_diversity} must be >= 0")
         if ctx.target is None:
             raise UserError("--selection sketch-influence needs --target-data-path")
-        self.keep_ratio = args.keep_ratio
         self.warmup = args.selection_warmup_steps
         self.beta = args.selection_diversity
-        unit = ctx.groups.dp_size * args.micro_batch_size
-        block = int(round(ctx.global_batch / self.keep_ratio))
-        if block % unit:
-            raise UserError(
-                f"sketch-influence scores a block of {block} = --global-batch-size / --keep-ratio "
-                f"samples, which must be a multiple of --micro-batch-size x data-parallel size = "
-                f"{unit}; adjust --keep-ratio or the batch sizes")
+        self.block = self.candidate_block()
         self.sketcher = GradientSketcher(ctx.learner.module, ctx.learner.runner, args.sketch_dim,
                                          args.seed)
         self.target_consumed = 0  # reading position in V
@@ -71,7 +64,7 @@ class SketchInfluenceSelector(SelectionHook):
     def block_size(self, step: int) -> int:
         if step < self.warmup:
             return self.ctx.global_batch
-        return int(round(self.ctx.global_batch / self.keep_ratio))
+        return self.block
 
     def select(self, step: int, block_ids: np.ndarray) -> TrainBatch:
         if step < self.warmup:
@@ -91,11 +84,7 @@ class SketchInfluenceSelector(SelectionHook):
         finite = np.isfinite(scores)
         for name, mask in (("influence_kept", kept & finite), ("influence_dropped", ~kept & finite)):
             stats[name] = float(scores[mask].mean()) if mask.any() else float("nan")
-        ids = self.local_share(block_ids[keep])
-        samples = self.read(ids)
-        weights = torch.ones(samples.size(0), samples.size(1) - 1)
-        return TrainBatch(ids, samples, weights, self.uniform_normaliser(), candidates=block_ids,
-                          stats=stats)
+        return self.train_on(block_ids, keep, stats)
 
     def after_step(self, step: int, batch: TrainBatch, lr: float) -> dict:
         if step < self.warmup:
