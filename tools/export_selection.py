@@ -9,16 +9,17 @@ Examples:
         --data-path data/pool_text_document --output-prefix data/pool_top_text_document \\
         --metric mean-excess --top-fraction 0.3
 
---sidecar is the ``<dataset name>.blade_sidecar.npy`` that excess-loss selection saves in every
-checkpoint directory (or that directory itself). It has one row per document (sequence) of
---data-path: how often the document was scored, how often kept, and its summed excess loss.
+--sidecar is the ``<dataset name>.blade_sidecar.npy`` that every scoring selection method
+(highloss, rho, blade, sketch-influence) saves in every checkpoint directory (or that directory
+itself). It has one row per document (sequence) of --data-path: how often the document was
+scored, how often kept, and its summed score (excess loss, or influence for sketch-influence).
 
-A document's weight is its keep rate (kept / scored, unsmoothed) or its mean excess loss
-(excess sum / scored). The documents whose weight is >= --threshold, or the best --top-fraction
-of the scored documents (ties to the lower document id), are written in their original order,
-one document each; never-scored documents are left out unless --keep-unscored is given. The
-.bin/.idx (and a filtered .meta.jsonl when the source has one) are written under temporary names
-and renamed only once complete. Prints one JSON summary line.
+A document's weight is its keep rate (kept / scored, unsmoothed) or its mean score, the metric
+mean-excess (score sum / scored). The documents whose weight is >= --threshold, or the best
+--top-fraction of the scored documents (ties to the lower document id), are written in their
+original order, one document each; never-scored documents are left out unless --keep-unscored
+is given. The .bin/.idx (and a filtered .meta.jsonl when the source has one) are written under
+temporary names and renamed only once complete. Prints one JSON summary line.
 """
 
 import argparse

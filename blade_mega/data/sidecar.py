@@ -1,9 +1,10 @@
 """The reweighting sidecar: per-document selection statistics, one float32 table per dataset.
 
 Columns: how often a document's samples were scored, how often they were kept, and the sum of
-their excess-loss scores.  It biases future candidate sampling (``--reweight-mix``), is saved with
-checkpoints, and ``tools/export_selection.py`` turns it into a filtered Megatron dataset.  Every
-rank holds the same table (updates are computed from all-gathered scores); rank 0 writes the file.
+their selection scores: excess loss, or influence for sketch-influence.  It biases future
+candidate sampling (``--reweight-mix``), is saved with checkpoints, and
+``tools/export_selection.py`` turns it into a filtered Megatron dataset.  Every rank holds the
+same table (updates are computed from all-gathered scores); rank 0 writes the file.
 """
 
 from __future__ import annotations

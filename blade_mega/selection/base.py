@@ -15,6 +15,7 @@ never looked up from globals inside the hook.
 from __future__ import annotations
 
 import argparse
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from blade_mega.data.samples import BlendedWindows
-from blade_mega.data.sidecar import Sidecar
+from blade_mega.data.sidecar import Sidecar, path_in
 from blade_mega.engine import ModelEngine, split_microbatches
 from blade_mega.errors import UserError
 from blade_mega.model import ModelSize
@@ -80,9 +81,16 @@ class TrainBatch:
 
 
 class SelectionHook:
-    """``--selection uniform``: train on the block as read. Base class of every plug-in."""
+    """``--selection uniform``: train on the block as read. Base class of every plug-in.
+
+    Selectors that score candidates set ``keeps_sidecar`` and report each selection round with
+    ``record_selection`` / ``record_samples``, so the sidecar, its checkpointing and the kept and
+    noise statistics are the same for all of them. Uniform scores nothing: it keeps no sidecar.
+    """
 
     name = "uniform"
+    keeps_sidecar = False
+    score_name = "score"  # what a selector scores: names its <score_name>_kept/_dropped stats
 
     def __init__(self, ctx: SelectionContext):
         self.ctx = ctx
@@ -106,13 +114,22 @@ class SelectionHook:
         return dict(batch.stats)
 
     def state_dict(self) -> dict:
-        return {}
+        if not self.keeps_sidecar:
+            return {}
+        return {"sidecars": [s.table.copy() for s in self.ctx.sidecars]}
 
     def load_state_dict(self, state: dict) -> None:
-        pass
+        # .get: sketch-influence checkpoints from before it kept a sidecar have none, and an
+        # empty table is what they recorded.
+        for sidecar, table in zip(self.ctx.sidecars, state.get("sidecars", ())):
+            sidecar.table[:] = table
 
     def save_engines(self, directory: str) -> None:
-        """Save any extra model engines (references) into ``directory``."""
+        """Save the hook's own files into ``directory``: the sidecars here (every rank holds the
+        same tables, so rank 0 writes them); subclasses add their extra model engines."""
+        if self.keeps_sidecar and torch.distributed.get_rank() == 0:
+            for part, sidecar in zip(self.ctx.train.parts, self.ctx.sidecars):
+                sidecar.save(path_in(directory, part.prefix))
 
     def load_engines(self, directory: str) -> None:
         pass
@@ -144,6 +161,44 @@ class SelectionHook:
         weights = torch.ones(samples.size(0), samples.size(1) - 1)
         return TrainBatch(ids, samples, weights, self.uniform_normaliser(),
                           candidates=block_ids, stats=stats)
+
+    def train_on_kept(self, block_ids: np.ndarray, keep: np.ndarray, scores: np.ndarray
+                      ) -> TrainBatch:
+        """Sample level: record the round and train on the block positions ``keep`` (chosen among
+        finite scores). Too few finite scores are topped up with unscored candidates in block
+        order; none at all trains on the block's first samples, with a warning."""
+        batch = self.ctx.global_batch
+        stats = {"nonfinite_scores": float((~np.isfinite(scores)).sum())}
+        if len(keep) == 0:
+            warnings.warn(f"no finite scores in a block of {len(block_ids)}; training on the "
+                          "block's first samples uniformly this step")
+            keep = np.arange(batch)
+            stats["uniform_fallback"] = 1.0
+        elif len(keep) < batch:
+            unscored = np.flatnonzero(~np.isfinite(scores))
+            keep = np.concatenate([keep, unscored[:batch - len(keep)]])
+        stats.update(self.record_samples(block_ids, keep, scores))
+        return self.train_on(block_ids, keep, stats)
+
+    def record_selection(self, ids: np.ndarray, kept: np.ndarray, scores: np.ndarray) -> dict:
+        """One selection round over candidates ``ids`` (global, the same on every rank): ``kept``
+        is each one's kept share (0/1 per sample, a fraction under token masks), ``scores`` its
+        score (non-finite: unscored). Adds the round to the sidecars; returns the step's stats."""
+        for part, where, documents in self.ctx.train.main_documents(ids):
+            self.ctx.sidecars[part].update(documents, kept[where], scores[where])
+        return {"kept_fraction": float(kept.mean()), **self.noise_stats(ids, kept)}
+
+    def record_samples(self, block_ids: np.ndarray, keep: np.ndarray, scores: np.ndarray) -> dict:
+        """``record_selection`` of keeping the block positions ``keep``, plus the mean finite
+        score of the kept and of the dropped candidates."""
+        kept = np.zeros(len(block_ids), dtype=bool)
+        kept[keep] = True
+        stats = self.record_selection(block_ids, kept.astype(np.float64), scores)
+        finite = np.isfinite(scores)
+        for side, chosen in (("kept", kept & finite), ("dropped", ~kept & finite)):
+            mean = float(scores[chosen].mean()) if chosen.any() else float("nan")
+            stats[f"{self.score_name}_{side}"] = mean
+        return stats
 
     def uniform_normaliser(self) -> float:
         return float(self.ctx.global_batch * self.ctx.tokens_per_sample)

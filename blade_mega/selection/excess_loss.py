@@ -25,7 +25,6 @@ from typing import Optional
 import numpy as np
 import torch
 
-from blade_mega.data.sidecar import path_in
 from blade_mega.engine import ModelEngine, broadcast_from_last_stage, comm_device
 from blade_mega.errors import UserError
 from blade_mega.model import PRESETS
@@ -55,6 +54,9 @@ def top_k_token_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 class ExcessLossSelector(SelectionHook):
     """Base of highloss (no reference), rho (static reference) and blade (dynamic reference)."""
+
+    keeps_sidecar = True
+    score_name = "excess"
 
     def __init__(self, ctx: SelectionContext, reference: Optional[Reference],
                  proxy: Optional[ModelEngine] = None):
@@ -134,21 +136,7 @@ class ExcessLossSelector(SelectionHook):
         ctx = self.ctx
         scores = self.sample_scores(block_ids)
         keep = top_k_samples(scores, block_ids, ctx.global_batch)
-        stats = {"nonfinite_scores": float((~np.isfinite(scores)).sum())}
-        if len(keep) == 0:
-            warnings.warn(f"no finite scores in a block of {len(block_ids)}; training on the "
-                          "block's first samples uniformly this step")
-            keep = np.arange(ctx.global_batch)
-            stats["uniform_fallback"] = 1.0
-        elif len(keep) < ctx.global_batch:
-            # Fewer scorable samples than the batch: top up with unscored ones in block order.
-            unscored = np.flatnonzero(~np.isfinite(scores))
-            keep = np.concatenate([keep, unscored[:ctx.global_batch - len(keep)]])
-        kept_mask = np.zeros(len(block_ids), dtype=bool)
-        kept_mask[keep] = True
-        stats.update(self._selection_stats(block_ids, kept_mask.astype(np.float64), scores))
-        self._update_sidecars(block_ids, kept_mask.astype(np.float64), scores)
-        return self.train_on(block_ids, keep, stats)
+        return self.train_on_kept(block_ids, keep, scores)
 
     # -- token level -----------------------------------------------------------------------
     def _select_tokens(self, block_ids: np.ndarray) -> TrainBatch:
@@ -214,38 +202,20 @@ class ExcessLossSelector(SelectionHook):
         kept_sum, kept_count, finite_sum, finite_count = gathered[:, 3:7].sum(axis=0)
         kept_excess = kept_sum / max(kept_count, 1.0)
         dropped_excess = (finite_sum - kept_sum) / max(finite_count - kept_count, 1.0)
-        batch.stats.update(self._selection_stats(all_ids, kept_share, mean_excess))
+        batch.stats.update(self.record_selection(all_ids, kept_share, mean_excess))
+        # Token level: kept/dropped excess are means over tokens, not over samples.
         batch.stats.update(excess_kept=float(kept_excess), excess_dropped=float(dropped_excess),
                            nonfinite_scores=float(gathered[:, 2].sum()))
-        self._update_sidecars(all_ids, kept_share, mean_excess)
-
-    # -- bookkeeping -----------------------------------------------------------------------
-    def _selection_stats(self, ids: np.ndarray, kept: np.ndarray, scores: np.ndarray) -> dict:
-        """kept: kept share per sample (0/1 at sample level). Scores: mean excess per sample."""
-        finite = np.isfinite(scores)
-        stats = {"kept_fraction": float(kept.mean())}
-        if not self.token_level:
-            hit, miss = (kept > 0) & finite, (kept == 0) & finite
-            stats["excess_kept"] = float(scores[hit].mean()) if hit.any() else float("nan")
-            stats["excess_dropped"] = float(scores[miss].mean()) if miss.any() else float("nan")
-        stats.update(self.noise_stats(ids, kept))
-        return stats
-
-    def _update_sidecars(self, ids: np.ndarray, kept: np.ndarray, scores: np.ndarray) -> None:
-        for part, where, documents in self.ctx.train.main_documents(ids):
-            self.ctx.sidecars[part].update(documents, kept[where], scores[where])
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {"sidecars": [s.table.copy() for s in self.ctx.sidecars],
-                 "last_batch": self._last_batch, "lr": self._lr}
+        state = {**super().state_dict(), "last_batch": self._last_batch, "lr": self._lr}
         if self.reference is not None:
             state["reference"] = self.reference.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        for sidecar, table in zip(self.ctx.sidecars, state["sidecars"]):
-            sidecar.table[:] = table
+        super().load_state_dict(state)
         self._last_batch = state["last_batch"]
         self._lr = state["lr"]
         if self.reference is not None:
@@ -256,9 +226,7 @@ class ExcessLossSelector(SelectionHook):
             self.reference.save(directory)
         if self.proxy is not None:
             self.proxy.engine.save_checkpoint(directory, tag="proxy", save_latest=False)
-        if torch.distributed.get_rank() == 0:
-            for part, sidecar in zip(self.ctx.train.parts, self.ctx.sidecars):
-                sidecar.save(path_in(directory, part.prefix))
+        super().save_engines(directory)
 
     def load_engines(self, directory: str) -> None:
         if self.reference is not None:

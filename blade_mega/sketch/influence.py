@@ -7,6 +7,9 @@ much a step on sample i lowers the loss on V), and keeps the best ``global_batch
 smaller global id.  With ``--selection-diversity beta > 0`` the kept set is chosen greedily with
 the redundancy penalty ``beta * <S g_i, S g_j>`` against samples already chosen.
 
+Each round goes into the reweighting sidecar (influence in its score column) and the step's
+kept and noise statistics, as in excess-loss selection (``SelectionHook.record_samples``).
+
 Communication carries only sketches and scores (never a gradient):
 * g_V: this rank's partial sketch placed in its slots, summed over the model-parallel group
   (TP terms add, PP stages fill their own slots) and over DP: ``num_slots * k^2`` floats a step.
@@ -38,6 +41,8 @@ def place_in_slots(partial: torch.Tensor, sketcher: GradientSketcher) -> torch.T
 
 class SketchInfluenceSelector(SelectionHook):
     name = "sketch-influence"
+    keeps_sidecar = True
+    score_name = "influence"
 
     def __init__(self, ctx: SelectionContext):
         super().__init__(ctx)
@@ -75,16 +80,7 @@ class SketchInfluenceSelector(SelectionHook):
             keep = top_k_samples(scores, block_ids, ctx.global_batch)
         else:
             keep = greedy_diverse_top_k(scores, block_ids, gram, ctx.global_batch, self.beta)
-        stats = {"nonfinite_scores": float((~np.isfinite(scores)).sum())}
-        if len(keep) < ctx.global_batch:
-            keep = np.arange(ctx.global_batch)  # too few finite scores: train on the block as read
-            stats["uniform_fallback"] = 1.0
-        kept = np.zeros(len(block_ids), dtype=bool)
-        kept[keep] = True
-        finite = np.isfinite(scores)
-        for name, mask in (("influence_kept", kept & finite), ("influence_dropped", ~kept & finite)):
-            stats[name] = float(scores[mask].mean()) if mask.any() else float("nan")
-        return self.train_on(block_ids, keep, stats)
+        return self.train_on_kept(block_ids, keep, scores)
 
     def after_step(self, step: int, batch: TrainBatch, lr: float) -> dict:
         if step < self.warmup:
@@ -94,9 +90,10 @@ class SketchInfluenceSelector(SelectionHook):
         return stats
 
     def state_dict(self) -> dict:
-        return {"target_consumed": self.target_consumed}
+        return {**super().state_dict(), "target_consumed": self.target_consumed}
 
     def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
         self.target_consumed = state["target_consumed"]
 
     # -- scoring -------------------------------------------------------------------------------
