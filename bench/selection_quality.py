@@ -6,7 +6,7 @@ every method; the measure is the loss on the held-out *test* split of the target
 of steps it needs to reach uniform's final test loss, and the share of trained samples that were
 noise.
 
-    python bench/selection_quality.py                      # defaults: 3 seeds, 4 methods
+    python bench/selection_quality.py                      # defaults: 3 seeds, 5 methods
     python bench/selection_quality.py --seeds 0 --train-iters 100 --methods uniform,blade
 
 The last line is one JSON object with the figures and the goals:
@@ -39,6 +39,7 @@ METHODS = {
     "highloss": ["--selection", "highloss"],
     "rho": ["--selection", "rho"],
     "blade": ["--selection", "blade"],
+    "sketch-influence": ["--selection", "sketch-influence"],  # default --sketch-dim 64
 }
 
 
@@ -130,7 +131,7 @@ def steps_to_reach(curve, level: float, total: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", default="uniform,highloss,rho,blade")
+    p.add_argument("--methods", default="uniform,highloss,rho,blade,sketch-influence")
     p.add_argument("--train-iters", type=int, default=300)
     p.add_argument("--eval-interval", type=int, default=25)
     p.add_argument("--eval-iters", type=int, default=8)
@@ -160,7 +161,7 @@ def main() -> None:
         for method in methods:
             results[method][seed] = run_method(paths, method, seed, args, args.workdir, base)
             r = results[method][seed]
-            print(f"seed {seed} {method:9s} test loss {r['final']:.4f}  noise share "
+            print(f"seed {seed} {method:16s} test loss {r['final']:.4f}  noise share "
                   f"{r['noise_share'] if r['noise_share'] is not None else float('nan'):.3f}  "
                   f"{r['seconds']:.0f}s", flush=True)
 
