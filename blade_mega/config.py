@@ -15,9 +15,9 @@ from blade_mega.model import PRESETS, ModelSize
 SELECTIONS = ("uniform", "highloss", "rho", "blade", "sketch-influence")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="blade-pretrain",
+        prog="blade-pretrain", exit_on_error=exit_on_error,
         description="Pretrain a Megatron-Core GPT with DeepSpeed ZeRO and online data selection.")
     p.add_argument("--config", help="YAML file of flag values (keys as flags, - or _); flags win")
     # The deepspeed launcher appends --local_rank unless given --no_local_rank; ranks come from
@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--noise-labels", help="meta.jsonl with a 'noise' key per document, to log "
                                           "the share of each noise type kept (demo corpus)")
     g.add_argument("--sketch-dim", type=int, default=64,
-                   help="sketch-influence: each layer's gradient sketch is k x k (k <= 8 or a "
-                        "multiple of 8)")
+                   help="sketch-influence: each layer's gradient sketch is k x k, made of "
+                        "Kronecker blocks of side gcd(k, 16) (gcd(k, 8) for the output layer); "
+                        "projection cost grows as k^2")
     g.add_argument("--selection-diversity", type=float, default=0.0,
                    help="beta: greedy top-k that subtracts beta * <S g_i, S g_j> against samples "
                         "already chosen (sketch-influence)")
@@ -128,13 +129,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
-        parser.set_defaults(**load_yaml(first.config, parser))
+        # As defaults, so that flags on the command line still win over the file.
+        parser.set_defaults(**load_yaml(first.config))
     args = parser.parse_args(argv)
     validate(args)
     return args
 
 
-def load_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
+def load_yaml(path: str) -> dict:
+    """The file's values by dest, converted and checked as the same flags on the command line."""
     import yaml
 
     try:
@@ -146,19 +149,38 @@ def load_yaml(path: str, parser: argparse.ArgumentParser) -> dict:
         raise UserError(f"{path}: invalid YAML ({str(err).splitlines()[0]}); fix the file")
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected a mapping of flag names to values")
-    actions = {action.dest: action for action in parser._actions}
+    # A parser that raises instead of exiting, so a bad value can name the file and the key.
+    checker = build_parser(exit_on_error=False)
+    actions = {action.dest: action for action in checker._actions}
     out = {}
     for key, value in values.items():
         dest = _dest(str(key))
         if dest not in actions or dest == "config":
             raise UserError(f"{path}: unknown key '{key}'; use flag names, e.g. micro-batch-size")
-        # argparse checks choices on the command line only, not on defaults set from the file.
-        choices = actions[dest].choices
-        if choices is not None and value not in choices:
-            raise UserError(f"{path}: {key}: {value!r} is not one of "
-                            f"{', '.join(map(str, choices))}")
-        out[dest] = value
+        try:
+            out[dest] = _flag_value(checker, actions[dest], value)
+        except argparse.ArgumentError as err:
+            raise UserError(f"{path}: {key}: {err.message}; fix the file")
     return out
+
+
+def _flag_value(checker: argparse.ArgumentParser, action: argparse.Action, value) -> object:
+    """What `action.dest` gets from the same flag on the command line, given this YAML value."""
+    if action.nargs == 0:
+        # A store_true flag takes no word, so the key's YAML boolean is the value itself;
+        # that way the file can say false too.
+        if not isinstance(value, bool):
+            raise argparse.ArgumentError(action, f"expected true or false, not {value!r}")
+        return value
+    # The words that would follow the flag: one per list item. Null gives none, which argparse
+    # reports as a flag missing its value.
+    words = [] if value is None else value if isinstance(value, list) else [value]
+    if any(word is None or isinstance(word, (list, dict)) for word in words):
+        raise argparse.ArgumentError(action, f"expected a value or a list, not {value!r}")
+    parsed, extra = checker.parse_known_args([action.option_strings[0], *map(str, words)])
+    if extra:  # a list given to a one-value flag
+        raise argparse.ArgumentError(action, f"expected one value, not {value!r}")
+    return getattr(parsed, action.dest)
 
 
 def model_size(args: argparse.Namespace) -> ModelSize:

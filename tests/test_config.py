@@ -37,8 +37,63 @@ def test_yaml_values_are_validated_like_flags(tmp_path, base):
     with pytest.raises(UserError, match="--seq-length 4096 is above"):
         parse_args(["--config", str(config), *base])
     config.write_text("model-size: huge\n")
-    with pytest.raises(UserError, match="model-size: 'huge' is not one of"):
+    with pytest.raises(UserError, match="model-size: invalid choice: 'huge'"):
         parse_args(["--config", str(config), *base])
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("seq-length: 64.5", "seq-length: invalid int value: '64.5'"),
+    ("seq-length: abc", "seq-length: invalid int value: 'abc'"),
+    ("lr: fast", "lr: invalid float value: 'fast'"),
+    ("selection: bogus", "selection: invalid choice: 'bogus'"),
+    ("selection-granularity: [token, sample]", "selection-granularity: expected one value"),
+    ("seq-length:", "seq-length: expected one argument"),  # null, as a bare flag
+    ("data-path: []", "data-path: expected at least one argument"),
+    ("data-path: [[a]]", "data-path: expected a value or a list"),
+    ("bf16: 1", "bf16: expected true or false, not 1"),
+])
+def test_a_bad_yaml_value_is_rejected_like_the_flag_naming_file_and_key(
+        tmp_path, base, capsys, text, problem):
+    config = tmp_path / "run.yaml"
+    config.write_text(text + "\n")
+    code, _, err = run_main(["--config", str(config), *base], capsys)
+    assert code == 2
+    [line] = err.splitlines()
+    assert line.startswith(f"error: {config}: {problem}") and line.endswith("; fix the file")
+
+
+def test_yaml_values_are_converted_like_flags(tmp_path, base):
+    config = tmp_path / "run.yaml"
+    config.write_text('seq-length: "64"\nlr: 1e-3\nkeep-ratio: 1\n'  # YAML strings, an int
+                      "data-path: [0.3, a_text_document, 0.7, b_text_document]\n")
+    args = parse_args(["--config", str(config), *base[:2]])
+    assert args.seq_length == 64 and type(args.seq_length) is int
+    assert args.lr == 0.001 and args.keep_ratio == 1.0 and type(args.keep_ratio) is float
+    assert args.data_path == ["0.3", "a_text_document", "0.7", "b_text_document"]
+
+
+def test_a_single_yaml_value_for_a_list_flag_is_a_one_item_list(tmp_path, base):
+    config = tmp_path / "run.yaml"
+    config.write_text("data-path: a_text_document\n")
+    assert parse_args(["--config", str(config), *base[:2]]).data_path == ["a_text_document"]
+
+
+@pytest.mark.parametrize("value", [True, False])
+def test_yaml_booleans_set_store_true_flags_either_way(tmp_path, base, value):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"bf16: {str(value).lower()}\nno_progress: {str(value).lower()}\n")
+    args = parse_args(["--config", str(config), *base])
+    assert (args.bf16, args.no_progress) == (value, value)
+    assert parse_args(["--config", str(config), *base, "--bf16"]).bf16  # the flag wins
+
+
+def test_flags_override_converted_yaml_values(tmp_path, base):
+    config = tmp_path / "run.yaml"
+    config.write_text('seq-length: "64"\nselection: highloss\ndata-path: [x, y]\n')
+    args = parse_args(["--config", str(config), *base, "--seq-length", "32",
+                       "--selection", "uniform"])
+    assert (args.seq_length, args.selection) == (32, "uniform")
+    assert args.data_path == [base[3]]
 
 
 def test_unknown_yaml_key_is_a_one_line_error(tmp_path, base, capsys):
