@@ -5,6 +5,7 @@ Jobs are real launches (torchrun, the deepspeed launcher, plain python) of ``bla
 as subprocesses; a killed rank is found by scanning /proc for the launcher's descendants.
 """
 
+import glob
 import json
 import os
 import resource
@@ -19,7 +20,7 @@ import torch
 
 from blade_mega import checkpoint
 from blade_mega.data.preprocess import preprocess
-from blade_mega.errors import UserError
+from blade_mega.errors import UserError, run_cli
 from blade_mega.testing import free_port
 
 BIN = os.path.dirname(sys.executable)
@@ -37,6 +38,31 @@ def train_flags(demo_data, workdir: str, *extra: str) -> list[str]:
 def torchrun(ranks: int = 2) -> list[str]:
     return [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(ranks),
             "--master_port", str(free_port()), "-m", "blade_mega.pretrain"]
+
+
+def torchrun_with_rank_logs(log_dir: str, ranks: int = 2) -> list[str]:
+    """torchrun with each rank's stderr in its own file (see ``rank_stderr``).  The agent polls
+    every 3 s instead of 0.1 s: when a rank dies, it SIGTERMs the survivors on its next poll, and
+    a survivor needs a moment to print its error line first."""
+    launcher = torchrun(ranks)
+    launcher[1:1] = ["--log-dir", log_dir, "--redirects", "2", "--monitor-interval", "3"]
+    return launcher
+
+
+def rank_stderr(log_dir: str, rank: int) -> str:
+    [path] = glob.glob(os.path.join(log_dir, "*", "attempt_0", str(rank), "stderr.log"))
+    with open(path) as f:
+        return f.read()
+
+
+def assert_collective_failure_line(stderr: str, rank: int, *reasons: str) -> None:
+    """The run ended with run_cli's one line for a failed collective, and no traceback."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    assert last.startswith(f"error: rank {rank}: a collective failed ("), stderr[-3000:]
+    assert any(reason in last for reason in reasons), last
+    assert last.endswith("another rank died or stopped responding; check the other ranks' logs, "
+                         "then resume from the last checkpoint (--load)"), last
 
 
 def deepspeed_launcher(ranks: int = 2) -> list[str]:
@@ -104,9 +130,19 @@ def worker_pids(root: int) -> dict[int, int]:
     return found
 
 
+def running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def kill_rank_mid_run(launcher: list[str], flags: list[str], log_path: str, after_iteration: int,
-                      rank: int = 1, sig=signal.SIGKILL) -> dict:
+                      rank: int = 1, sig=signal.SIGKILL, kill_once_alone: bool = False) -> dict:
     """Start the job, wait until the log shows ``after_iteration``, send ``sig`` to one rank.
+    ``kill_once_alone``: SIGKILL that rank as soon as all the others have exited (for SIGSTOP:
+    what the launchers do 30 s later).
     Returns the exit status, seconds from the signal to the job's exit, and the log so far."""
     job = subprocess.Popen(launcher + flags, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            env=env(), start_new_session=True)
@@ -120,6 +156,11 @@ def kill_rank_mid_run(launcher: list[str], flags: list[str], log_path: str, afte
         assert sorted(ranks) == list(range(len(ranks))) and rank in ranks, ranks
         os.kill(ranks[rank], sig)
         signalled = time.monotonic()
+        while kill_once_alone and any(running(pid) for r, pid in ranks.items() if r != rank):
+            assert time.monotonic() < signalled + HANG_LIMIT_S, "the other ranks never exited"
+            time.sleep(0.1)
+        if kill_once_alone:
+            os.kill(ranks[rank], signal.SIGKILL)
         output = job.communicate(timeout=HANG_LIMIT_S)[0].decode()
         return {"returncode": job.returncode, "exit_s": time.monotonic() - signalled,
                 "output": output, "ranks": ranks, "log": read_log(log_path)}
@@ -132,8 +173,7 @@ def kill_rank_mid_run(launcher: list[str], flags: list[str], log_path: str, afte
 def assert_job_gone(outcome: dict) -> None:
     assert outcome["returncode"] != 0
     time.sleep(0.5)
-    survivors = [pid for pid in outcome["ranks"].values() if os.path.exists(f"/proc/{pid}")
-                 and open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"]
+    survivors = [pid for pid in outcome["ranks"].values() if running(pid)]
     assert not survivors, outcome["output"][-3000:]
 
 
@@ -158,13 +198,84 @@ def killed_under_torchrun(demo_data, tmp_path_factory):
     save = os.path.join(workdir, "ckpt")
     flags = train_flags(demo_data, workdir, "--save", save, "--save-interval", "5",
                         "--keep-checkpoints", "3")
-    outcome = kill_rank_mid_run(torchrun(), flags, os.path.join(workdir, "log.jsonl"), 12)
-    return {**outcome, "save": save, "workdir": workdir}
+    rank_logs = os.path.join(workdir, "rank_logs")
+    outcome = kill_rank_mid_run(torchrun_with_rank_logs(rank_logs), flags,
+                                os.path.join(workdir, "log.jsonl"), 12)
+    return {**outcome, "save": save, "workdir": workdir,
+            "survivor_stderr": rank_stderr(rank_logs, 0)}
 
 
 def test_sigkilled_rank_ends_the_torchrun_job(killed_under_torchrun):
     assert_job_gone(killed_under_torchrun)
     assert "SIGKILL" in killed_under_torchrun["output"]  # torchrun names the dead worker
+    # The survivor's all-reduce fails at once (gloo sees the socket close or reset).
+    assert_collective_failure_line(killed_under_torchrun["survivor_stderr"], 0,
+                                   "Connection closed by peer", "Connection reset by peer")
+
+
+def test_hung_rank_ends_the_job_with_one_error_line(demo_data, tmp_path):
+    # SIGSTOP: rank 1 is alive but silent, so rank 0's collective times out after 6 s.
+    flags = train_flags(demo_data, str(tmp_path), "--distributed-timeout-minutes", "0.1")
+    rank_logs = str(tmp_path / "rank_logs")
+    outcome = kill_rank_mid_run(torchrun_with_rank_logs(rank_logs), flags,
+                                str(tmp_path / "log.jsonl"), 3, sig=signal.SIGSTOP,
+                                kill_once_alone=True)
+    assert_job_gone(outcome)
+    assert_collective_failure_line(rank_stderr(rank_logs, 0), 0, "Timed out waiting")
+
+
+# gloo's messages as torch 2.13 raises them (RuntimeError), from the two runs above.
+GLOO_TIMEOUT = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] "
+                "Timed out waiting 6000ms for recv operation to complete")
+GLOO_RESET = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error "
+              "[127.0.0.1]:3761: Connection reset by peer. This is typically caused by a remote "
+              "worker hanging or bugs in the application. Check the logs of the remote worker "
+              "before reporting an error. GLHF!")
+
+
+def raising(err: BaseException):
+    def main_fn():
+        raise err
+    return main_fn
+
+
+@pytest.mark.parametrize("message, reason", [
+    (GLOO_TIMEOUT, "Timed out waiting 6000ms for recv operation to complete"),
+    (GLOO_RESET, "Read error [127.0.0.1]:3761: Connection reset by peer"),
+])
+def test_run_cli_turns_a_failed_collective_into_one_line(monkeypatch, capsys, message, reason):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.delenv("BLADE_DEBUG", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(raising(RuntimeError(message)))
+    assert exit_.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.count("\n") == 1
+    assert_collective_failure_line(stderr, 1, f"({reason})")
+
+
+@pytest.mark.parametrize("err", [
+    RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x3 and 4x5)"),
+    RuntimeError("Timed out"),  # not from gloo
+    RuntimeError("[../third_party/gloo/gloo/allreduce.cc:12] Gloo mismatched sizes"),  # a bug
+    OSError("[../third_party/gloo/gloo/transport/tcp/pair.cc:1] Connection reset by peer"),
+])
+def test_run_cli_lets_other_errors_through(monkeypatch, err):
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(type(err)) as raised:
+        run_cli(raising(err))
+    assert raised.value is err
+
+
+def test_blade_debug_keeps_the_traceback(monkeypatch, capsys):
+    monkeypatch.setenv("BLADE_DEBUG", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(raising(RuntimeError(GLOO_TIMEOUT)))
+    assert exit_.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" in stderr and GLOO_TIMEOUT in stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: a collective failed (Timed out")
 
 
 def test_resume_after_kill_continues_with_the_uninterrupted_losses(killed_under_torchrun,
