@@ -27,6 +27,14 @@ def _rank_entry(fn, rank: int, world_size: int, port: int, results, args, kwargs
                       MASTER_PORT=str(port), PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     import warnings
 
+    import torch
+
+    # OMP_NUM_THREADS only takes effect if torch is not imported yet, but unpickling ``fn``
+    # imports its module first (test modules import torch). Set the count itself, so every rank
+    # of every call runs with the same intra-op threads: CPU kernels such as LayerNorm's backward
+    # sum per-thread partials, so their last bits depend on it (a resumed half run with another
+    # count than the first half drifts by float ulps).
+    torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     try:
         results.put((rank, True, fn(*args, **kwargs)))
