@@ -6,7 +6,9 @@ uniform trains B samples (3B).  Sample level scores a block of M = B/gamma with 
 forward, so only the reference's forward is extra.  blade adds K reference steps every T steps on
 a V batch (B samples) plus, with lambda > 0, the selected training batch (B more); rho's one-off
 reference training runs before step 0 and is outside the per-step figure.  A measured/analytic ratio near 1 means the hook wastes
-no work beyond the model passes it must do.
+no work beyond the model passes it must do.  sketch-influence runs a frozen forward + input-gradient
+backward (2 units per sample) over the block and over a V batch of B; its per-token projections are
+work beyond model passes (see bench/sketch.py), so its ratio is reported but not held to the goal.
 
     python bench/selection_overhead.py
     python bench/selection_overhead.py --model-size tiny --steps 20     # quick
@@ -37,13 +39,17 @@ CASES = {  # name: (flags, granularity)
     "rho-token": (["--selection", "rho"], "token"),
     "blade-sample": (["--selection", "blade"], "sample"),
     "blade-token": (["--selection", "blade"], "token"),
+    "sketch-sample": (["--selection", "sketch-influence"], "sample"),
 }
+JUDGED = [name for name in CASES if not name.startswith("sketch")]
 
 
 def analytic_ratio(name: str, gamma_sample: float, sync: int, ref_steps: int, lam: float) -> float:
     method, _, granularity = name.partition("-")
     if method == "uniform":
         return 1.0
+    if method == "sketch":
+        return 1.0 + (2 / gamma_sample + 2) / 3
     with_reference = method in ("rho", "blade")
     if granularity == "sample":
         scoring = (2 if with_reference else 1) / (3 * gamma_sample)
@@ -103,7 +109,7 @@ def main() -> None:
         row["measured_over_analytic"] = row["measured"] / row["analytic"]
         print(f"{name:16s} measured {row['measured']:.2f}x  analytic {row['analytic']:.2f}x  "
               f"ratio {row['measured_over_analytic']:.2f}")
-    goal = all(r["measured_over_analytic"] <= 1.15 for r in rows.values())
+    goal = all(r["measured_over_analytic"] <= 1.15 for n, r in rows.items() if n in JUDGED)
     print(json.dumps({"settings": vars(args), "cases": rows, "goal_ratio_le_1.15": goal}))
 
 
