@@ -46,7 +46,10 @@ def _debug() -> bool:
 def _fail(message: str) -> NoReturn:
     if _debug():
         traceback.print_exc()
-    print(f"error: {message}", file=sys.stderr)
+    # One write: print() sends the text and the newline separately, and with unbuffered
+    # stderr two ranks' lines could interleave into one.
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
     sys.exit(EXIT_USER_ERROR)
 
 

@@ -10,8 +10,10 @@ variables, then DeepSpeed starts the process group (gloo on CPU, nccl on GPUs) a
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -67,9 +69,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# The rendezvous store of this process, kept from run to run (see _run_store), and its key.
+_store: "tuple[tuple, torch.distributed.Store] | None" = None
+# How many process groups init_distributed has started in this process: each run's keys live
+# under their own prefix in the store.
+_runs = 0
+
+
+def _run_store(proc: ProcessInfo, timeout: datetime.timedelta) -> torch.distributed.Store:
+    """The store this run's process group meets on: the process's one rendezvous store (what
+    ``env://`` makes: a TCPStore on MASTER_ADDR:MASTER_PORT, served by rank 0 or the torchrun
+    agent), with this run's keys under a prefix of their own.
+
+    A second ``pretrain`` in the same process (a notebook, a sweep driver) must not meet the
+    first one's keys: gloo would read a finished run's peer addresses and wait for them forever.
+    Nor may rank 0 close its store server between runs: a rank that finished run n first and
+    starts run n+1 would connect to the closing server of run n.  Keeping one store for the
+    process and numbering the runs does both; every rank counts its runs alike."""
+    global _store, _runs
+    key = (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"], proc.rank, proc.world_size)
+    if _store is None or _store[0] != key:
+        store, _, _ = next(torch.distributed.rendezvous("env://", timeout=timeout))
+        _store = (key, store)
+    _store[1].set_timeout(timeout)
+    _runs += 1
+    return torch.distributed.PrefixStore(f"blade_mega/run{_runs}", _store[1])
+
+
 def init_distributed(tp: int, pp: int, timeout_minutes: float = 10.0) -> tuple[ProcessInfo, Layout]:
     """Start the process group and Megatron's parallel groups. Collectives time out, so a dead
-    rank ends the job instead of hanging it."""
+    rank ends the job instead of hanging it.  ``shutdown()`` undoes it, after which it may be
+    called again in the same process."""
     import deepspeed
 
     proc = discover_process()
@@ -82,10 +112,14 @@ def init_distributed(tp: int, pp: int, timeout_minutes: float = 10.0) -> tuple[P
     if cuda_available():
         torch.cuda.set_device(proc.local_rank % torch.cuda.device_count())
     backend = "nccl" if cuda_available() else "gloo"
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(
-            dist_backend=backend, auto_mpi_discovery=False, verbose=False,
-            timeout=datetime.timedelta(minutes=timeout_minutes))
+        torch.distributed.init_process_group(
+            backend, store=_run_store(proc, timeout), rank=proc.rank,
+            world_size=proc.world_size, timeout=timeout)
+    # DeepSpeed finds the process group up and only sets up its communication backend.
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
+                               timeout=timeout)
     if not parallel_state.model_parallel_is_initialized():
         # Megatron's groups get their own timeout (30 min unless told): pass ours down too.
         parallel_state.initialize_model_parallel(
@@ -94,11 +128,54 @@ def init_distributed(tp: int, pp: int, timeout_minutes: float = 10.0) -> tuple[P
     return proc, layout
 
 
+def _holds_group(value) -> bool:
+    group = torch.distributed.ProcessGroup
+    if isinstance(value, group):
+        return True
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, (list, tuple, set)) and any(
+        isinstance(v, group) or (isinstance(v, (list, tuple)) and
+                                 any(isinstance(w, group) for w in v))
+        for v in value)
+
+
+def _drop_megatron_groups() -> None:
+    """Clear every group handle ``parallel_state`` still holds after ``destroy_model_parallel``
+    (Megatron-Core 0.16 forgets ``_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP`` and its ``_GLOO``
+    twin), so that the finished run's groups can be freed."""
+    for name, value in vars(parallel_state).copy().items():
+        if name.startswith("_") and name.isupper() and _holds_group(value):
+            setattr(parallel_state, name, {} if isinstance(value, dict) else None)
+
+
+def _clear_megatron_caches() -> None:
+    """Empty the ``functools.lru_cache`` s of Megatron-Core's classes and functions.
+
+    ``RotaryEmbedding.forward`` is one: its cache keeps the module (``self``) alive after the
+    run, and with it the module's context-parallel group."""
+    for name, module in sys.modules.copy().items():  # copy(): other threads may import
+        if not name.startswith("megatron.core") or module is None:
+            continue
+        for value in vars(module).copy().values():
+            members = (list(vars(value).values()) if isinstance(value, type)
+                       and value.__module__ == name else [value])
+            for member in members:
+                member = getattr(member, "__func__", member)  # staticmethod/classmethod
+                if callable(getattr(member, "cache_clear", None)):
+                    member.cache_clear()
+
+
 def shutdown() -> None:
+    """Tear down Megatron's groups and the process group, and let go of everything that held
+    them, so that ``init_distributed`` can start again in this process."""
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    _drop_megatron_groups()
+    _clear_megatron_caches()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    gc.collect()  # the run's objects sit in reference cycles, holding their groups
 
 
 class MegatronMPU:

@@ -67,12 +67,19 @@ def pretrain(args: argparse.Namespace) -> int:
     from blade_mega import parallel
 
     cpu_compat.install()
-    _, layout = parallel.init_distributed(args.tensor_model_parallel_size,
-                                          args.pipeline_model_parallel_size,
-                                          args.distributed_timeout_minutes)
+    trainer = None
     try:
-        return Trainer(args, layout).train()
+        _, layout = parallel.init_distributed(args.tensor_model_parallel_size,
+                                              args.pipeline_model_parallel_size,
+                                              args.distributed_timeout_minutes)
+        trainer = Trainer(args, layout)
+        return trainer.train()
     finally:
+        # pretrain() may run again in this process (a notebook, a sweep driver): nothing of this
+        # run (model, optimizer, process groups and their connections) may outlive it.
+        if trainer is not None:
+            trainer.close()
+            trainer = None
         parallel.shutdown()
 
 
@@ -80,6 +87,21 @@ class Trainer:
     """Builds the parts, then runs the loop. Each part lives in its own module."""
 
     def __init__(self, args: argparse.Namespace, layout):
+        self.engines: list = []  # every DeepSpeed engine built, for close()
+        try:
+            self._build(args, layout)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Destroy the DeepSpeed engines: ZeRO's gradient hooks hold the parameters (and the
+        data-parallel group each parameter names) in a cycle through autograd that the garbage
+        collector cannot see, so without this every run's model would outlive it."""
+        while self.engines:
+            self.engines.pop().destroy()
+
+    def _build(self, args: argparse.Namespace, layout) -> None:
         from megatron.core import parallel_state, tensor_parallel
 
         from blade_mega.data.sampler import CandidateBlockSampler
@@ -149,8 +171,9 @@ class Trainer:
                 micro_batch_size=args.micro_batch_size, dp=self.layout.dp, lr=args.lr,
                 zero_stage=args.zero_stage, weight_decay=args.weight_decay,
                 clip_grad=args.clip_grad, bf16=args.bf16, offload_optimizer=offload)
-        return ModelEngine(initialize_engine(model, config), args.seq_length,
-                           args.micro_batch_size)
+        engine = initialize_engine(model, config)
+        self.engines.append(engine)
+        return ModelEngine(engine, args.seq_length, args.micro_batch_size)
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> int:
