@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+import warnings
 import zlib
 from typing import Optional, Sequence
 
@@ -29,6 +30,7 @@ import torch
 
 from blade_mega import checkpoint, cpu_compat
 from blade_mega.config import check_layout, model_size, parse_args
+from blade_mega.cpu_compat import cuda_available
 from blade_mega.errors import UserError, run_cli
 from blade_mega.metrics import MetricsLog, progress
 
@@ -276,7 +278,7 @@ class Trainer:
     def run_state(self) -> dict:
         return {"iteration": self.iteration, "consumed": self.consumed,
                 "bad_steps": self.bad_steps, "hook": self.hook.state_dict(),
-                "args": vars(self.args)}
+                "args": vars(self.args), "cpu_threads": torch.get_num_threads()}
 
     def save(self) -> None:
         if self.iteration == self.saved_iteration:
@@ -293,6 +295,13 @@ class Trainer:
         self.consumed = state["consumed"]
         self.bad_steps = state.get("bad_steps", 0)
         self.hook.load_state_dict(state["hook"])
+        threads = state.get("cpu_threads")
+        if threads is not None and threads != torch.get_num_threads() and not cuda_available():
+            # CPU kernels (LayerNorm's backward among them) sum per-thread partial results, so
+            # their last bits depend on the thread count: the run resumes, but not bit-exactly.
+            warnings.warn(f"{self.args.load}: saved by ranks with {threads} CPU threads, this "
+                          f"run has {torch.get_num_threads()}; set OMP_NUM_THREADS={threads} "
+                          "for a bit-exact resume")
         if self.args.save and os.path.realpath(self.args.save) == os.path.realpath(self.args.load):
             self.saved_iteration = self.iteration
         self.log.write({"kind": "resume", "iteration": self.iteration, "path": self.args.load})

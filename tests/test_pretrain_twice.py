@@ -76,3 +76,37 @@ def test_two_ranks_pretrain_runs_again_in_the_same_processes(demo_data, tmp_path
     assert_same_training(first, second)
     assert all(alive == 0 for rank_runs in runs for _, alive in rank_runs)
     assert os.path.exists(argvs[1][argvs[1].index("--log-file") + 1])
+
+
+def resume_with_threads(save_argv: list[str], resume_argv: list[str], threads: int) -> list:
+    """One rank: train and save, then resume in this process with ``threads`` CPU threads;
+    the warnings the resumed run raised."""
+    import warnings
+
+    import torch
+
+    pretrain_rank(save_argv)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pretrain_rank(resume_argv)
+    finally:
+        torch.set_num_threads(saved)
+    return [str(w.message) for w in caught if "CPU threads" in str(w.message)]
+
+
+def test_resume_with_another_cpu_thread_count_warns(demo_data, tmp_path):
+    """CPU kernels sum per-thread partials: a resume with another thread count is not bit-exact,
+    and says so."""
+    for threads, expected in ((2, 1), (1, 0)):  # ranks run with 1 thread (blade_mega.testing)
+        save = str(tmp_path / f"ckpt{threads}")
+        first = argv_for(demo_data, str(tmp_path / f"a{threads}.jsonl"), "--save", save,
+                         "--exit-interval", "2")
+        again = argv_for(demo_data, str(tmp_path / f"b{threads}.jsonl"), "--load", save)
+        caught = run_distributed(resume_with_threads, 1, first, again, threads, timeout=300)[0]
+        assert len(caught) == expected, caught
+        if expected:
+            assert "saved by ranks with 1 CPU threads, this run has 2" in caught[0]
+            assert "OMP_NUM_THREADS=1" in caught[0]
