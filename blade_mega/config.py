@@ -112,9 +112,9 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--noise-labels", help="meta.jsonl with a 'noise' key per document, to log "
                                           "the share of each noise type kept (demo corpus)")
     g.add_argument("--sketch-dim", type=int, default=64,
-                   help="sketch-influence: each layer's gradient sketch is k x k, made of "
-                        "Kronecker blocks of side gcd(k, 16) (gcd(k, 8) for the output layer); "
-                        "projection cost grows as k^2")
+                   help="sketch-influence: each layer's gradient sketch is k x k (k <= 8 or a "
+                        "multiple of 8), made of Kronecker blocks of side gcd(k, 16) (gcd(k, 8) "
+                        "for the output layer); projection cost grows as k^2")
     g.add_argument("--selection-diversity", type=float, default=0.0,
                    help="beta: greedy top-k that subtracts beta * <S g_i, S g_j> against samples "
                         "already chosen (sketch-influence)")

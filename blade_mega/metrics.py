@@ -42,10 +42,13 @@ class MetricsLog:
             self._tb.flush()
 
     def close(self) -> None:
+        """Idempotent: a run that fails closes its log in cleanup after the loop may have."""
         if self._file:
             self._file.close()
+            self._file = None
         if self._tb:
             self._tb.close()
+            self._tb = None
 
 
 def _plain(value):

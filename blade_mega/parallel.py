@@ -96,6 +96,19 @@ def _run_store(proc: ProcessInfo, timeout: datetime.timedelta) -> torch.distribu
     return torch.distributed.PrefixStore(f"blade_mega/run{_runs}", _store[1])
 
 
+def _nccl_device(proc: ProcessInfo) -> dict:
+    """``device_id`` for NCCL, as DeepSpeed's own init passes it: binding the device makes later
+    ``new_group`` calls (Megatron makes many) use ncclCommSplit. Not for one rank (no peer), and
+    not on torch 2.6.x-2.7.0, where it hangs (pytorch#153960)."""
+    from packaging.version import Version
+
+    version = Version(torch.__version__.split("+")[0])
+    if (not cuda_available() or proc.world_size == 1
+            or Version("2.6.0") < version < Version("2.7.1")):
+        return {}
+    return {"device_id": torch.device("cuda", torch.cuda.current_device())}
+
+
 def init_distributed(tp: int, pp: int, timeout_minutes: float = 10.0) -> tuple[ProcessInfo, Layout]:
     """Start the process group and Megatron's parallel groups. Collectives time out, so a dead
     rank ends the job instead of hanging it.  ``shutdown()`` undoes it, after which it may be
@@ -116,7 +129,7 @@ def init_distributed(tp: int, pp: int, timeout_minutes: float = 10.0) -> tuple[P
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
             backend, store=_run_store(proc, timeout), rank=proc.rank,
-            world_size=proc.world_size, timeout=timeout)
+            world_size=proc.world_size, timeout=timeout, **_nccl_device(proc))
     # DeepSpeed finds the process group up and only sets up its communication backend.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timeout)
@@ -161,9 +174,12 @@ def _clear_megatron_caches() -> None:
             members = (list(vars(value).values()) if isinstance(value, type)
                        and value.__module__ == name else [value])
             for member in members:
-                member = getattr(member, "__func__", member)  # staticmethod/classmethod
-                if callable(getattr(member, "cache_clear", None)):
-                    member.cache_clear()
+                try:
+                    member = getattr(member, "__func__", member)  # staticmethod/classmethod
+                    if callable(getattr(member, "cache_clear", None)):
+                        member.cache_clear()
+                except Exception:  # noqa: BLE001 - a lazy proxy's __getattr__; not a cache
+                    continue
 
 
 def shutdown() -> None:
@@ -174,7 +190,12 @@ def shutdown() -> None:
     _drop_megatron_groups()
     _clear_megatron_caches()
     if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+        from deepspeed import comm as ds_comm
+
+        if ds_comm.is_initialized():  # DeepSpeed's way also drops its own handles to the groups
+            ds_comm.destroy_process_group()
+        else:
+            torch.distributed.destroy_process_group()
     gc.collect()  # the run's objects sit in reference cycles, holding their groups
 
 

@@ -78,11 +78,13 @@ def pretrain(args: argparse.Namespace) -> int:
         return trainer.train()
     finally:
         # pretrain() may run again in this process (a notebook, a sweep driver): nothing of this
-        # run (model, optimizer, process groups and their connections) may outlive it.
-        if trainer is not None:
-            trainer.close()
-            trainer = None
-        parallel.shutdown()
+        # run (model, optimizer, log, process groups and their connections) may outlive it.
+        try:
+            if trainer is not None:
+                trainer.close()
+                trainer = None
+        finally:
+            parallel.shutdown()
 
 
 class Trainer:
@@ -97,11 +99,19 @@ class Trainer:
             raise
 
     def close(self) -> None:
-        """Destroy the DeepSpeed engines: ZeRO's gradient hooks hold the parameters (and the
-        data-parallel group each parameter names) in a cycle through autograd that the garbage
-        collector cannot see, so without this every run's model would outlive it."""
+        """Close the log and destroy the DeepSpeed engines: ZeRO's gradient hooks hold the
+        parameters (and the data-parallel group each parameter names) in a cycle through
+        autograd that the garbage collector cannot see, so without this every run's model would
+        outlive it. Cleanup never raises: it runs while another error may be on its way out."""
+        log = getattr(self, "log", None)
+        if log is not None:
+            log.close()
         while self.engines:
-            self.engines.pop().destroy()
+            engine = self.engines.pop()
+            try:
+                engine.destroy()
+            except Exception as err:  # noqa: BLE001 - reported, and the next engine still goes
+                warnings.warn(f"could not release a DeepSpeed engine: {err}")
 
     def _build(self, args: argparse.Namespace, layout) -> None:
         from megatron.core import parallel_state, tensor_parallel
@@ -296,7 +306,8 @@ class Trainer:
         self.bad_steps = state.get("bad_steps", 0)
         self.hook.load_state_dict(state["hook"])
         threads = state.get("cpu_threads")
-        if threads is not None and threads != torch.get_num_threads() and not cuda_available():
+        if (threads is not None and threads != torch.get_num_threads() and not cuda_available()
+                and torch.distributed.get_rank() == 0):
             # CPU kernels (LayerNorm's backward among them) sum per-thread partial results, so
             # their last bits depend on the thread count: the run resumes, but not bit-exactly.
             warnings.warn(f"{self.args.load}: saved by ranks with {threads} CPU threads, this "

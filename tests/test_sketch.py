@@ -241,3 +241,15 @@ def test_influence_ranks_clean_text_above_token_salad(exact):
         # select() keeps the best half of the same scores: mostly clean.
         assert np.isin(out["kept"], out["clean_ids"]).sum() >= 6, out
         assert set(out["kept"]) == set(out["block"][np.argsort(-out["scores"])[:8]]), out
+
+
+def test_sketch_dim_keeps_projections_at_most_k2_over_8_wide():
+    from blade_mega.sketch.sketcher import block_side, check_sketch_dim
+
+    for ok in (1, 3, 8, 16, 24, 64, 128):
+        check_sketch_dim(ok)
+    for bad in (0, 9, 12, 63):
+        with pytest.raises(ValueError, match="multiple of 8|at most 8"):
+            check_sketch_dim(bad)
+    assert [block_side(k, True) for k in (3, 8, 24, 64)] == [1, 8, 8, 8]
+    assert [block_side(k, False) for k in (3, 8, 24, 64)] == [1, 8, 8, 16]

@@ -72,7 +72,8 @@ class SketchedLayer:
 
 
 def block_side(dim: int, output_layer: bool) -> int:
-    """q for a k x k sketch: the largest divisor of k up to the layer kind's block side."""
+    """q for a k x k sketch: gcd(k, the layer kind's block side), i.e. 8 or 16 for the k that
+    ``check_sketch_dim`` accepts above 8, k itself up to 8."""
     return math.gcd(dim, OUTPUT_BLOCK if output_layer else LAYER_BLOCK)
 
 
@@ -93,8 +94,11 @@ def _projections(seed: int, name: str, module: torch.nn.Module, width: int, devi
 
 
 def check_sketch_dim(dim: int) -> None:
-    if dim < 1:
-        raise ValueError(f"sketch dimension {dim} must be at least 1")
+    # Above 8, a multiple of 8 keeps q >= 8, so projections stay at most k^2/8 wide (an odd k
+    # would make them k^2 wide: 16x the work and a QR of that width at start-up).
+    if dim < 1 or (dim > OUTPUT_BLOCK and dim % OUTPUT_BLOCK):
+        raise ValueError(f"sketch dimension {dim} must be at most {OUTPUT_BLOCK} or a multiple "
+                         f"of {OUTPUT_BLOCK}")
 
 
 def sketched_modules(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Module, int]], int]:
