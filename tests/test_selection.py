@@ -64,3 +64,20 @@ def test_sidecar_counts_finite_scores_only(tmp_path):
     assert numpy.array_equal(Sidecar.load(path, 4, "pool").table, sidecar.table)
     with pytest.raises(UserError, match="sidecar has 4 documents but pool has 5"):
         Sidecar.load(path, 5, "pool")
+
+
+def test_hook_refuses_a_checkpoint_sidecar_of_other_data():
+    from types import SimpleNamespace
+
+    from blade_mega.sketch.influence import SketchInfluenceSelector
+
+    mine = [Sidecar(5), Sidecar(3)]
+    hook = SketchInfluenceSelector.__new__(SketchInfluenceSelector)  # only its bookkeeping
+    hook.ctx = SimpleNamespace(sidecars=mine)
+    good = [numpy.full((5, 3), 1.0, numpy.float32), numpy.full((3, 3), 2.0, numpy.float32)]
+    hook.load_state_dict({"sidecars": good, "target_consumed": 7})
+    assert mine[0].table.sum() == 15 and mine[1].table.sum() == 18
+    with pytest.raises(UserError, match=r"sidecar tables \[\(4, 3\), \(3, 3\)\].*--data-path"):
+        hook.load_state_dict({"sidecars": [numpy.zeros((4, 3)), good[1]], "target_consumed": 7})
+    with pytest.raises(UserError, match="do not match"):
+        hook.load_state_dict({"sidecars": good[:1], "target_consumed": 7})

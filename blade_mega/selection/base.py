@@ -121,7 +121,16 @@ class SelectionHook:
     def load_state_dict(self, state: dict) -> None:
         # .get: sketch-influence checkpoints from before it kept a sidecar have none, and an
         # empty table is what they recorded.
-        for sidecar, table in zip(self.ctx.sidecars, state.get("sidecars", ())):
+        tables = state.get("sidecars", ())
+        if not self.keeps_sidecar or not tables:
+            return
+        saved = [tuple(t.shape) for t in tables]
+        have = [tuple(s.table.shape) for s in self.ctx.sidecars]
+        if saved != have:
+            raise UserError(f"the checkpoint's sidecar tables {saved} (documents x columns per "
+                            f"dataset) do not match this run's data {have}; resume with the "
+                            "--data-path the checkpoint was trained on")
+        for sidecar, table in zip(self.ctx.sidecars, tables):
             sidecar.table[:] = table
 
     def save_engines(self, directory: str) -> None:
