@@ -413,9 +413,15 @@ def same_tensors(a, b) -> bool:
     return True  # non-tensor metadata (paths, versions) may differ
 
 
-def test_nonfinite_losses_stop_with_the_last_good_state_saved(demo_data, tmp_path):
+@pytest.mark.parametrize("zero", [
+    [],  # the default stage (1)
+    # ZeRO-2 reduces each gradient from a backward hook as it is computed: the dropped steps'
+    # gradients must not reach its buffers or the saved optimizer state either.
+    ["--zero-stage", "2", "--micro-batch-size", "4"],
+], ids=["zero1", "zero2"])
+def test_nonfinite_losses_stop_with_the_last_good_state_saved(demo_data, tmp_path, zero):
     # lr 1e30: the first step is finite and throws the weights to ~1e30; every later loss is NaN.
-    absurd = ["--lr", "1e30", "--lr-warmup-iters", "1", "--global-batch-size", "4"]
+    absurd = ["--lr", "1e30", "--lr-warmup-iters", "1", "--global-batch-size", "4", *zero]
     bad_dir, good_dir = tmp_path / "bad", tmp_path / "good"
     bad = run(single_process() + train_flags(demo_data, str(bad_dir), "--save",
                                              str(bad_dir / "ckpt"), "--max-bad-steps", "3",
