@@ -239,6 +239,14 @@ def raising(err: BaseException):
     return main_fn
 
 
+def cli_stderr_on(err: BaseException, capsys) -> str:
+    """What ``run_cli`` prints when its main raises ``err``; it must exit with status 2."""
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(raising(err))
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
 @pytest.mark.parametrize("message, reason", [
     (GLOO_TIMEOUT, "Timed out waiting 6000ms for recv operation to complete"),
     (GLOO_RESET, "Read error [127.0.0.1]:3761: Connection reset by peer"),
@@ -246,10 +254,7 @@ def raising(err: BaseException):
 def test_run_cli_turns_a_failed_collective_into_one_line(monkeypatch, capsys, message, reason):
     monkeypatch.setenv("RANK", "1")
     monkeypatch.delenv("BLADE_DEBUG", raising=False)
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(raising(RuntimeError(message)))
-    assert exit_.value.code == 2
-    stderr = capsys.readouterr().err
+    stderr = cli_stderr_on(RuntimeError(message), capsys)
     assert stderr.count("\n") == 1
     assert_collective_failure_line(stderr, 1, f"({reason})")
 
@@ -270,10 +275,7 @@ def test_run_cli_lets_other_errors_through(monkeypatch, err):
 def test_blade_debug_keeps_the_traceback(monkeypatch, capsys):
     monkeypatch.setenv("BLADE_DEBUG", "1")
     monkeypatch.delenv("RANK", raising=False)
-    with pytest.raises(SystemExit) as exit_:
-        run_cli(raising(RuntimeError(GLOO_TIMEOUT)))
-    assert exit_.value.code == 2
-    stderr = capsys.readouterr().err
+    stderr = cli_stderr_on(RuntimeError(GLOO_TIMEOUT), capsys)
     assert "Traceback" in stderr and GLOO_TIMEOUT in stderr
     assert stderr.strip().splitlines()[-1].startswith("error: a collective failed (Timed out")
 

@@ -197,29 +197,19 @@ def test_slurm_outside_an_allocation_is_an_error():
 
 # -- real 2-rank runs -------------------------------------------------------------------------
 
-def test_torchrun_trains_on_two_ranks(demo_data, tmp_path):
-    log = str(tmp_path / "log.jsonl")
-    env = launcher_env(NPROC_PER_NODE="2", MASTER_PORT=str(free_port()))
-    result = run_script("torchrun.sh", [*data_flags(demo_data), *TWO_RANKS_ONLY, "--log-file", log],
-                        env)
-    assert_trained_two_steps(result, log)
-
-
-def test_deepspeed_launcher_trains_on_two_ranks(demo_data, tmp_path):
-    log = str(tmp_path / "log.jsonl")
-    env = launcher_env(NUM_ACCELERATORS="2", MASTER_PORT=str(free_port()))
-    result = run_script("deepspeed.sh", [*data_flags(demo_data), *TWO_RANKS_ONLY, "--log-file", log],
-                        env, cwd=str(tmp_path))  # the launcher reads ./.deepspeed_env if present
-    assert_trained_two_steps(result, log)
-
-
-def test_mpiexec_trains_on_two_ranks(demo_data, tmp_path):
+@pytest.mark.parametrize("script, env_vars, in_tmp", [
+    ("torchrun.sh", {"NPROC_PER_NODE": "2"}, False),
+    # The deepspeed launcher reads ./.deepspeed_env if present: run it from an empty directory.
+    ("deepspeed.sh", {"NUM_ACCELERATORS": "2"}, True),
     # No torchrun variables reach the ranks (launcher_env drops them): they rank themselves
     # from MPICH's PMI_RANK/PMI_SIZE.
+    ("mpiexec.sh", {"NP": "2"}, False),
+], ids=["torchrun", "deepspeed", "mpiexec"])
+def test_launcher_trains_on_two_ranks(demo_data, tmp_path, script, env_vars, in_tmp):
     log = str(tmp_path / "log.jsonl")
-    env = launcher_env(NP="2", MASTER_PORT=str(free_port()))
-    result = run_script("mpiexec.sh", [*data_flags(demo_data), *TWO_RANKS_ONLY, "--log-file", log],
-                        env)
+    env = launcher_env(**env_vars, MASTER_PORT=str(free_port()))
+    result = run_script(script, [*data_flags(demo_data), *TWO_RANKS_ONLY, "--log-file", log],
+                        env, cwd=str(tmp_path) if in_tmp else None)
     assert_trained_two_steps(result, log)
 
 

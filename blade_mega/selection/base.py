@@ -84,8 +84,9 @@ class SelectionHook:
     """``--selection uniform``: train on the block as read. Base class of every plug-in.
 
     Selectors that score candidates set ``keeps_sidecar`` and report each selection round with
-    ``record_selection`` / ``record_samples``, so the sidecar, its checkpointing and the kept and
-    noise statistics are the same for all of them. Uniform scores nothing: it keeps no sidecar.
+    ``train_on_kept`` (sample level) or ``record_selection``, so the sidecar, its checkpointing
+    and the kept and noise statistics are the same for all of them. Uniform scores nothing: it
+    keeps no sidecar.
     """
 
     name = "uniform"
@@ -186,7 +187,13 @@ class SelectionHook:
         elif len(keep) < batch:
             unscored = np.flatnonzero(~np.isfinite(scores))
             keep = np.concatenate([keep, unscored[:batch - len(keep)]])
-        stats.update(self.record_samples(block_ids, keep, scores))
+        kept = np.zeros(len(block_ids), dtype=bool)
+        kept[keep] = True
+        stats.update(self.record_selection(block_ids, kept.astype(np.float64), scores))
+        finite = np.isfinite(scores)  # mean score of the kept and of the dropped candidates
+        for side, chosen in (("kept", kept & finite), ("dropped", ~kept & finite)):
+            mean = float(scores[chosen].mean()) if chosen.any() else float("nan")
+            stats[f"{self.score_name}_{side}"] = mean
         return self.train_on(block_ids, keep, stats)
 
     def record_selection(self, ids: np.ndarray, kept: np.ndarray, scores: np.ndarray) -> dict:
@@ -196,18 +203,6 @@ class SelectionHook:
         for part, where, documents in self.ctx.train.main_documents(ids):
             self.ctx.sidecars[part].update(documents, kept[where], scores[where])
         return {"kept_fraction": float(kept.mean()), **self.noise_stats(ids, kept)}
-
-    def record_samples(self, block_ids: np.ndarray, keep: np.ndarray, scores: np.ndarray) -> dict:
-        """``record_selection`` of keeping the block positions ``keep``, plus the mean finite
-        score of the kept and of the dropped candidates."""
-        kept = np.zeros(len(block_ids), dtype=bool)
-        kept[keep] = True
-        stats = self.record_selection(block_ids, kept.astype(np.float64), scores)
-        finite = np.isfinite(scores)
-        for side, chosen in (("kept", kept & finite), ("dropped", ~kept & finite)):
-            mean = float(scores[chosen].mean()) if chosen.any() else float("nan")
-            stats[f"{self.score_name}_{side}"] = mean
-        return stats
 
     def uniform_normaliser(self) -> float:
         return float(self.ctx.global_batch * self.ctx.tokens_per_sample)

@@ -8,7 +8,7 @@ smaller global id.  With ``--selection-diversity beta > 0`` the kept set is chos
 the redundancy penalty ``beta * <S g_i, S g_j>`` against samples already chosen.
 
 Each round goes into the reweighting sidecar (influence in its score column) and the step's
-kept and noise statistics, as in excess-loss selection (``SelectionHook.record_samples``).
+kept and noise statistics, as in excess-loss selection (``SelectionHook.train_on_kept``).
 
 Communication carries only sketches and scores (never a gradient):
 * g_V: this rank's partial sketch placed in its slots, summed over the model-parallel group
