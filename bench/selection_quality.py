@@ -44,9 +44,9 @@ METHODS = {
 
 
 def build_data(directory: str, size_mb: float, vocab: int) -> dict:
-    from blade_mega.data.demo_corpus import build_demo_corpus, write_demo_corpus
-    from blade_mega.data.inputs import iter_texts
-    from blade_mega.data.preprocess import dataset_prefix, meta_path, preprocess
+    from blade_mega.prepare.demo_corpus import build_demo_corpus, write_demo_corpus
+    from blade_mega.prepare.inputs import iter_texts
+    from blade_mega.prepare.preprocess import dataset_prefix, meta_path, preprocess
     from blade_mega.tokenizer import train_tokenizer
 
     paths = {"tokenizer": os.path.join(directory, "tokenizer.model")}

@@ -263,17 +263,34 @@ def _check_layout(load_dir: str, tag: str, manifest: dict, layout: Layout, check
                         f"{manifest['dp'] * layout.tp * layout.pp} ranks")
 
 
-def load(load_dir: str, engine, layout: Layout, hook=None) -> dict:
+def load(load_dir: str, engine, layout: Layout, hook=None, load_optimizer: bool = True) -> dict:
+    """Resume: weights, optimizer state (unless ``load_optimizer`` is False), the hook's engines
+    and sidecars, and this rank's run state. The data position and the sidecars are global, so a
+    run may resume with another data-parallel size; ZeRO's optimizer partitions are per DP rank,
+    so that needs ``load_optimizer=False`` (``--no-load-optim``)."""
     tag, manifest = find_loadable(load_dir)
-    _check_layout(load_dir, tag, manifest, layout, check_dp=True)
-    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_optimizer_states=True,
+    _check_layout(load_dir, tag, manifest, layout, check_dp=False)
+    directory = os.path.join(load_dir, tag)
+    dp_changed = manifest["dp"] != layout.dp
+    if dp_changed and load_optimizer:
+        raise UserError(
+            f"{directory}: saved with data-parallel size {manifest['dp']}, this run has "
+            f"{layout.dp}: ZeRO's optimizer partitions do not carry over; add --no-load-optim to "
+            "resume the weights, data position and sidecar with a fresh optimizer, or relaunch "
+            f"with {manifest['dp'] * layout.tp * layout.pp} ranks (or convert the checkpoint "
+            "with DeepSpeed's ds_to_universal and load it with the saved layout's optimizer)")
+    path, _ = engine.load_checkpoint(load_dir, tag=tag, load_module_only=not load_optimizer,
+                                     load_optimizer_states=load_optimizer,
                                      load_lr_scheduler_states=False)
     if path is None:
-        raise UserError(f"{os.path.join(load_dir, tag)}: DeepSpeed could not load this checkpoint")
-    directory = os.path.join(load_dir, tag)
+        raise UserError(f"{directory}: DeepSpeed could not load this checkpoint")
     if hook is not None:
-        hook.load_engines(directory)
-    state_path = os.path.join(directory, f"run_state_rank{_rank():05d}.pt")
+        hook.load_engines(directory, load_optimizer)
+    # Same DP size: this rank's own file. Another DP size: the file of the rank at the same
+    # tensor/pipeline position in DP rank 0 (the state every DP rank shares: iteration, data
+    # position, selection state; RNG streams then differ from an uninterrupted run).
+    source = _rank() if not dp_changed else _same_position_in_dp0(layout, manifest["dp"])
+    state_path = os.path.join(directory, f"run_state_rank{source:05d}.pt")
     state, problem = None, None
     try:
         state = torch.load(state_path, weights_only=False)
@@ -285,3 +302,13 @@ def load(load_dir: str, engine, layout: Layout, hook=None) -> dict:
         raise UserError(problem)
     set_rng_state(state.pop("rng"))
     return state
+
+
+def _same_position_in_dp0(layout: Layout, saved_dp: int) -> int:
+    """Global rank, in the saved layout, of this rank's tensor/pipeline position at DP rank 0
+    (Megatron's rank order: tensor fastest, then data, then pipeline)."""
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    return tp_rank + layout.tp * saved_dp * pp_rank

@@ -46,8 +46,17 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
                    help="collective timeout: a dead rank ends the job after this long")
 
     g = p.add_argument_group("data")
-    g.add_argument("--data-path", nargs="+", default=[], help="prefix, or 'w1 p1 w2 p2 ...'")
-    g.add_argument("--split", default="98,2", help="train,valid document shares of --data-path")
+    g.add_argument("--data-path", nargs="+", default=[],
+                   help="prefix, 'p1 p2 ...' (weighted by size) or 'w1 p1 w2 p2 ...'")
+    g.add_argument("--split", default="98,2",
+                   help="train,valid[,test] document shares of --data-path, as Megatron-LM")
+    g.add_argument("--train-data-path", nargs="+", default=None,
+                   help="the training blend, instead of --data-path and --split")
+    g.add_argument("--valid-data-path", nargs="+", default=None,
+                   help="the validation blend (with --train-data-path)")
+    g.add_argument("--data-cache-path",
+                   help="where the sample index files are built once (by rank 0) and read by "
+                        "every rank (default: <directory of the first dataset>/cache)")
     g.add_argument("--target-data-path", help="held-out target set V (indexed dataset prefix)")
     g.add_argument("--test-data-path",
                    help="held-out test set of the target distribution, never trained or selected "
@@ -80,6 +89,9 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save")
     g.add_argument("--load")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="with --load: do not load the optimizer state (needed to resume with "
+                        "another data-parallel size; weights, data position and sidecar carry over)")
     g.add_argument("--finetune", action="store_true",
                    help="with --load: take only the model weights (continued pretraining); "
                         "iteration, optimizer, data order and selection state start fresh")
@@ -223,10 +235,16 @@ def validate(args: argparse.Namespace) -> None:
     try:
         args.split_weights = tuple(float(x) for x in str(args.split).split(","))
     except ValueError:
-        raise UserError(f"--split {args.split}: expected comma-separated numbers like 98,2")
-    if len(args.split_weights) < 2 or sum(args.split_weights[:2]) <= 0:
-        raise UserError(f"--split {args.split}: expected train,valid shares like 98,2")
-    args.split_weights = args.split_weights[:2]
+        raise UserError(f"--split {args.split}: expected comma-separated numbers like 969,30,1")
+    if not 1 <= len(args.split_weights) <= 3 or args.split_weights[0] <= 0 or \
+            any(w < 0 for w in args.split_weights):
+        raise UserError(f"--split {args.split}: expected train,valid[,test] shares like 969,30,1 "
+                        "with a positive train share")
+    if args.train_data_path is None and args.valid_data_path is not None:
+        raise UserError("--valid-data-path goes with --train-data-path (per-split blends)")
+    if args.train_data_path is not None and args.data_path:
+        raise UserError("give either --data-path (with --split) or --train-data-path "
+                        "(and --valid-data-path), not both")
 
 
 def check_layout(args: argparse.Namespace, dp: int) -> int:

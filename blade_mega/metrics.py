@@ -77,3 +77,27 @@ class _NoBar:
 
     def close(self):
         pass
+
+
+def process_age_s() -> Optional[float]:
+    """Seconds since this process started (Linux /proc), for time-to-first-step."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_rss_bytes() -> Optional[int]:
+    """This process's peak resident set size (VmHWM)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None

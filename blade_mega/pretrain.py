@@ -32,19 +32,26 @@ from blade_mega import checkpoint, cpu_compat
 from blade_mega.config import check_layout, model_size, parse_args
 from blade_mega.cpu_compat import cuda_available
 from blade_mega.errors import UserError, run_cli
-from blade_mega.metrics import MetricsLog, progress
+from blade_mega.metrics import MetricsLog, peak_rss_bytes, process_age_s, progress
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     run_cli(lambda: pretrain(parse_args(argv)))
 
 
-def vocab_size(args: argparse.Namespace) -> int:
+def tokenizer(args: argparse.Namespace):
+    """The tokenizer (or, with --vocab-size only, what megatron.core's datasets read of one)."""
     if args.tokenizer_model:
         from blade_mega.tokenizer import Tokenizer
 
-        return Tokenizer.load(args.tokenizer_model).vocab_size
-    return args.vocab_size
+        return Tokenizer.load(args.tokenizer_model)
+    from blade_mega.data.streams import VocabOnly
+
+    return VocabOnly(args.vocab_size)
+
+
+def vocab_size(args: argparse.Namespace) -> int:
+    return tokenizer(args).vocab_size
 
 
 def dry_run(args: argparse.Namespace) -> None:
@@ -106,6 +113,9 @@ class Trainer:
         log = getattr(self, "log", None)
         if log is not None:
             log.close()
+        prefetcher = getattr(self, "prefetcher", None)
+        if prefetcher is not None:
+            prefetcher.close()
         while self.engines:
             engine = self.engines.pop()
             try:
@@ -116,8 +126,9 @@ class Trainer:
     def _build(self, args: argparse.Namespace, layout) -> None:
         from megatron.core import parallel_state, tensor_parallel
 
-        from blade_mega.data.sampler import CandidateBlockSampler
-        from blade_mega.data.samples import build_windows
+        from blade_mega.data.block_sampler import CandidateBlockSampler
+        from blade_mega.data.prefetch import Prefetcher
+        from blade_mega.data.streams import build_streams
         from blade_mega.engine import check_zero_schedule
         from blade_mega.selection import make_hook
         from blade_mega.selection.base import ProcessGroups, SelectionContext
@@ -128,20 +139,15 @@ class Trainer:
         self.num_microbatches = check_layout(args, layout.dp)
         check_zero_schedule(args.zero_stage, self.num_microbatches)
         self.rank = torch.distributed.get_rank()
-        self.vocab = vocab_size(args)
+        tok = tokenizer(args)
+        self.vocab = tok.vocab_size
         torch.manual_seed(args.seed)
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
 
-        self.train_data = build_windows(args.data_path, args.seq_length, args.seed,
-                                        args.split_weights, 0, self.vocab)
-        self.valid_data = build_windows(args.data_path, args.seq_length, args.seed,
-                                        args.split_weights, 1, self.vocab)
-        self.target_data = (build_windows([args.target_data_path], args.seq_length, args.seed,
-                                          None, 0, self.vocab)
-                            if args.target_data_path else None)
-        self.test_data = (build_windows([args.test_data_path], args.seq_length, args.seed,
-                                        None, 0, self.vocab)
-                          if args.test_data_path else None)
+        streams = build_streams(args, tok, self.vocab)
+        self.train_data, self.valid_data = streams.train, streams.valid
+        self.target_data, self.test_data = streams.target, streams.test
+        self.prefetcher = Prefetcher(self.train_data)
         self.size = model_size(args)
         self.learner = self.build_engine(self.size, False)
         self.groups = ProcessGroups(
@@ -159,7 +165,7 @@ class Trainer:
                                sidecars=sidecars, noise_labels=labels, noise_names=names)
         self.hook = make_hook(args.selection, ctx)
         self.sampler = CandidateBlockSampler(self.train_data, args.seed, args.reweight_mix,
-                                             sidecars)
+                                             sidecars if self.hook.keeps_sidecar else None)
         self.log = MetricsLog(args.log_file or (os.path.join(args.save, "log.jsonl")
                                                 if args.save else None),
                               args.tensorboard_dir, enabled=self.rank == 0)
@@ -205,10 +211,15 @@ class Trainer:
             self.hook.before_training()
         bar = progress(self.rank == 0 and not args.no_progress, args.train_iters, self.iteration)
         window: list[dict] = []
+        first_step = True
         while self.iteration < args.train_iters:
             step = self.iteration
             started = time.perf_counter()
             block = self.sampler.block(step, self.consumed, self.hook.block_size(step))
+            # Read the next block's in-order samples while this step runs.
+            self.prefetcher.start_step(self.train_data.ordered_ids(
+                self.consumed + block.consumed,
+                self.sampler.in_order_size(self.hook.block_size(step + 1))))
             batch = self.hook.select(step, block.ids)
             hook_time = time.perf_counter() - started
             lr = learning_rate(step, lr=args.lr, min_lr=args.min_lr,
@@ -228,6 +239,9 @@ class Trainer:
                            "hook_time": hook_time, "stats": stats,
                            "ids": zlib.crc32(np.ascontiguousarray(block.ids).tobytes())})
             bar.update()
+            if first_step:  # time to first step: start-up (index build or cache) + one step
+                window[-1]["startup_s"] = process_age_s()
+                first_step = False
             if self.iteration % args.log_interval == 0 or self.iteration == args.train_iters:
                 self.write_train_log(window, lr)
                 window = []
@@ -241,6 +255,11 @@ class Trainer:
         bar.close()
         if args.save and (not args.save_interval or self.iteration % args.save_interval):
             self.save()
+        peaks = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(peaks, peak_rss_bytes())
+        self.log.write({"kind": "end", "iteration": self.iteration, "peak_rss_bytes": peaks,
+                        "prefetch_hits": self.prefetcher.hits,
+                        "prefetch_misses": self.prefetcher.misses})
         self.log.close()
         return 0
 
@@ -266,6 +285,9 @@ class Trainer:
                   "step_time": seconds / len(window), "tokens_per_s": tokens / seconds,
                   "hook_time_share": sum(w["hook_time"] for w in window) / seconds,
                   "block_crcs": [w["ids"] for w in window]}
+        startup = [w["startup_s"] for w in window if w.get("startup_s") is not None]
+        if startup:
+            record["startup_s"] = startup[0]
         record.update(merge_stats([w["stats"] for w in window]))
         self.log.write(record)
 
@@ -274,8 +296,9 @@ class Trainer:
 
         args = self.args
         count = args.eval_iters * args.global_batch_size
-        record = {"kind": "eval", "iteration": self.iteration,
-                  "valid_loss": eval_loss(self.learner, self.valid_data, count, self.groups)}
+        record = {"kind": "eval", "iteration": self.iteration}
+        if self.valid_data is not None:
+            record["valid_loss"] = eval_loss(self.learner, self.valid_data, count, self.groups)
         if self.target_data is not None:
             record["target_loss"] = eval_loss(self.learner, self.target_data, count, self.groups)
         if self.test_data is not None:
@@ -300,7 +323,8 @@ class Trainer:
         self.log.write({"kind": "checkpoint", "iteration": self.iteration, "path": directory})
 
     def load(self) -> None:
-        state = checkpoint.load(self.args.load, self.learner.engine, self.layout, self.hook)
+        state = checkpoint.load(self.args.load, self.learner.engine, self.layout, self.hook,
+                                load_optimizer=not self.args.no_load_optim)
         self.iteration = state["iteration"]
         self.consumed = state["consumed"]
         self.bad_steps = state.get("bad_steps", 0)

@@ -11,9 +11,9 @@ from unittest import mock
 
 import pytest
 
-from blade_mega.data.demo_corpus import build_demo_corpus, write_demo_corpus
-from blade_mega.data.preprocess import dataset_prefix, meta_path, preprocess
-from blade_mega.data.inputs import iter_texts
+from blade_mega.prepare.demo_corpus import build_demo_corpus, write_demo_corpus
+from blade_mega.prepare.preprocess import dataset_prefix, meta_path, preprocess
+from blade_mega.prepare.inputs import iter_texts
 from blade_mega.tokenizer import train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

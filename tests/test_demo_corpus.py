@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from blade_mega.data.demo_corpus import (
+from blade_mega.prepare.demo_corpus import (
     MAX_DOC_BYTES,
     MIN_DOC_BYTES,
     NOISE_TYPES,

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from blade_mega import checkpoint
-from blade_mega.data.preprocess import preprocess
+from blade_mega.prepare.preprocess import preprocess
 from blade_mega.errors import UserError, run_cli
 from blade_mega.testing import free_port
 

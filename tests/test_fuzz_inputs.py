@@ -3,7 +3,7 @@
 Each case must end in a clean UserError or in correct output, never in another exception, a hang
 or silently wrong data.  A .bin byte change that keeps the file well-formed is data, not damage:
 the reader must return exactly the changed tokens, and ids outside the vocab must be refused by
-``BlendedWindows.tokens``.
+``SampleIndex.tokens``.
 """
 
 import json
@@ -14,9 +14,10 @@ import shutil
 import numpy as np
 import pytest
 
-from blade_mega.data.inspect import summarize, verify
-from blade_mega.data.preprocess import dataset_prefix, preprocess
-from blade_mega.data.samples import BlendedWindows, TokenWindows, open_indexed
+from blade_mega.prepare.inspect import summarize, verify
+from blade_mega.prepare.preprocess import dataset_prefix, preprocess
+from blade_mega.data.sample_index import DataSpec, build_sample_indices
+from blade_mega.prepare.inspect import load as open_indexed
 from blade_mega.errors import UserError
 from blade_mega.tokenizer import Tokenizer
 
@@ -44,10 +45,40 @@ def small_dataset(demo_data, tmp_path_factory):
     return prefix, read_windows(prefix)
 
 
+def sample_index(prefix: str, tokenizer=None):
+    """The training-side reader of the whole dataset (one epoch, vocab-checked)."""
+    [samples, _, _] = build_sample_indices(
+        DataSpec(blend=([prefix], None), split="1,0,0"), [None, None, None],
+        tokenizer or _Vocab(), seq_length=SEQ, seed=1, vocab_size=VOCAB,
+        cache_path=os.path.join(os.path.dirname(prefix), "cache"))
+    return samples
+
+
+class _Vocab:
+    vocab_size, eod, pad = VOCAB, 3, 0
+    unique_identifiers = {"class": "fuzz"}
+
+
 def read_windows(prefix: str) -> list:
-    """Every window of the dataset through the training-side reader (vocab-checked)."""
-    windows = BlendedWindows([TokenWindows(prefix, SEQ, seed=1)], [1.0], seed=1, vocab_size=VOCAB)
-    return [windows.tokens(i) for i in range(len(windows))]
+    """Every window of the dataset through the training-side reader."""
+    samples = sample_index(prefix)
+    return [samples.tokens(i) for i in range(len(samples))]
+
+
+def expected_window(samples, i: int, tokens: np.ndarray, pointers: np.ndarray) -> np.ndarray:
+    """Window ``i`` cut from the flat token array by hand: the documents from its start entry
+    in the sample index to the next one's, each from its .idx pointer."""
+    d = samples.datasets[0]
+    row = int(d.shuffle_index[i])
+    (first, offset), (last, end) = d.sample_index[row], d.sample_index[row + 1]
+    lengths = d.dataset.sequence_lengths
+    parts = []
+    for slot in range(int(first), int(last) + 1):
+        doc = int(d.document_index[slot])
+        begin = int(offset) if slot == first else 0
+        stop = int(end) + 1 if slot == last else int(lengths[doc])
+        parts.append(tokens[pointers[doc] + begin:pointers[doc] + stop])
+    return np.concatenate(parts)
 
 
 def damaged_copy(prefix: str, directory: str, case: int, suffix: str, change) -> str:
@@ -132,17 +163,15 @@ def test_changed_bin_reads_exactly_the_changed_tokens_or_is_refused(small_datase
             continue
         damaged = damaged_copy(prefix, str(tmp_path), case, ".bin", flip_bytes(rng))
         changed = np.fromfile(damaged + ".bin", dtype=np.uint16).astype(np.int64)
-        windows = TokenWindows(damaged, SEQ, seed=1)
-        blend = BlendedWindows([windows], [1.0], seed=1, vocab_size=VOCAB)
-        for i in range(len(blend)):
-            expected = np.concatenate([changed[pointers[doc] + offset:][:length]
-                                       for doc, offset, length in windows._pieces(i)])
+        samples = sample_index(damaged)
+        for i in range(len(samples)):
+            expected = expected_window(samples, i, changed, pointers)
             if expected.max() >= VOCAB:
                 with pytest.raises(UserError, match="outside the model's vocab"):
-                    blend.tokens(i)
+                    samples.tokens(i)
                 refused_vocab += 1
             else:
-                assert np.array_equal(blend.tokens(i), expected), (case, i)
+                assert np.array_equal(samples.tokens(i), expected), (case, i)
     assert refused_vocab > 0  # some flips did produce out-of-vocab ids
 
 

@@ -6,7 +6,7 @@ import struct
 import numpy
 import pytest
 
-from blade_mega.data.inspect import document_tokens, summarize, verify
+from blade_mega.prepare.inspect import document_tokens, summarize, verify
 from blade_mega.errors import UserError
 from blade_mega.tokenizer import Tokenizer
 from conftest import assert_user_error, run_tool, run_tool_in_subprocess

@@ -6,9 +6,9 @@ import warnings
 import numpy
 import pytest
 
-from blade_mega.data import preprocess as preprocess_module
-from blade_mega.data.inputs import RawRecord
-from blade_mega.data.preprocess import choose_dtype, preprocess
+from blade_mega.prepare import preprocess as preprocess_module
+from blade_mega.prepare.inputs import RawRecord
+from blade_mega.prepare.preprocess import choose_dtype, preprocess
 from blade_mega.errors import UserError
 from blade_mega.tokenizer import Tokenizer
 from conftest import assert_user_error, run_tool, run_tool_in_subprocess

@@ -1,4 +1,4 @@
-"""The selection rules on their own: top-k with ties and non-finite scores, sidecar bookkeeping."""
+"""The selection rules on their own: top-k with ties and non-finite scores."""
 
 import math
 
@@ -8,8 +8,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blade_mega.data.sidecar import KEPT, SCORED, Sidecar
-from blade_mega.errors import UserError
 from blade_mega.selection.excess_loss import top_k_samples, top_k_token_mask
 
 nan, inf = math.nan, math.inf
@@ -48,36 +46,3 @@ def test_top_k_token_mask_properties(values, k):
         tie = float(kept.min())
         positions = torch.nonzero(scores == tie).flatten()
         assert mask[positions].tolist() == sorted(mask[positions].tolist(), reverse=True)
-
-
-def test_sidecar_counts_finite_scores_only(tmp_path):
-    sidecar = Sidecar(4)
-    sidecar.update(numpy.array([0, 1, 1, 2]), numpy.array([True, False, True, True]),
-                   numpy.array([1.0, 2.0, 4.0, nan]))
-    assert sidecar.table[:, SCORED].tolist() == [1, 2, 0, 0]
-    assert sidecar.table[:, KEPT].tolist() == [1, 1, 0, 0]
-    assert sidecar.mean_excess().tolist() == [1.0, 3.0, 0.0, 0.0]
-    # (kept + 1) / (scored + 2): unscored documents sit at 0.5.
-    assert numpy.allclose(sidecar.keep_rate(), [2 / 3, 0.5, 0.5, 0.5])
-    path = str(tmp_path / "s.blade_sidecar.npy")
-    sidecar.save(path)
-    assert numpy.array_equal(Sidecar.load(path, 4, "pool").table, sidecar.table)
-    with pytest.raises(UserError, match="sidecar has 4 documents but pool has 5"):
-        Sidecar.load(path, 5, "pool")
-
-
-def test_hook_refuses_a_checkpoint_sidecar_of_other_data():
-    from types import SimpleNamespace
-
-    from blade_mega.sketch.influence import SketchInfluenceSelector
-
-    mine = [Sidecar(5), Sidecar(3)]
-    hook = SketchInfluenceSelector.__new__(SketchInfluenceSelector)  # only its bookkeeping
-    hook.ctx = SimpleNamespace(sidecars=mine)
-    good = [numpy.full((5, 3), 1.0, numpy.float32), numpy.full((3, 3), 2.0, numpy.float32)]
-    hook.load_state_dict({"sidecars": good, "target_consumed": 7})
-    assert mine[0].table.sum() == 15 and mine[1].table.sum() == 18
-    with pytest.raises(UserError, match=r"sidecar tables \[\(4, 3\), \(3, 3\)\].*--data-path"):
-        hook.load_state_dict({"sidecars": [numpy.zeros((4, 3)), good[1]], "target_consumed": 7})
-    with pytest.raises(UserError, match="do not match"):
-        hook.load_state_dict({"sidecars": good[:1], "target_consumed": 7})

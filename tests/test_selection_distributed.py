@@ -324,7 +324,7 @@ def _train_runs(argvs):
         parallel.shutdown()
 
 
-TIMING = {"step_time", "tokens_per_s", "hook_time_share"}
+TIMING = {"step_time", "tokens_per_s", "hook_time_share", "startup_s"}
 
 
 def _train_records(path):
@@ -384,7 +384,7 @@ def test_blade_resume_is_exact(demo_data, tmp_path):
         assert resumed[iteration] == record, iteration
     name = os.path.basename(demo_data.pool_prefix) + ".blade_sidecar.npy"
     tables = [numpy.load(os.path.join(d, "iter_0000006", name)) for d in (full, split)]
-    assert tables[0][:, 0].sum() > 0
+    assert tables[0]["scored"].sum() > 0
     assert numpy.array_equal(tables[0], tables[1])
     # The losses are float32 sums that hide ulp drift of the weights: compare the learner's and
     # the reference's weights, fp32 masters and Adam moments themselves.
@@ -392,3 +392,61 @@ def test_blade_resume_is_exact(demo_data, tmp_path):
         _assert_bit_equal(_engine_tensors(os.path.join(full, "iter_0000006", sub)),
                           _engine_tensors(os.path.join(split, "iter_0000006", sub)),
                           sub or "learner")
+
+
+def test_resume_with_another_dp_size_continues_data_and_sidecar(demo_data, tmp_path):
+    """DP 2 -> DP 1: the data position and the sidecar are global and carry over; ZeRO's
+    optimizer partitions do not, which --no-load-optim says out loud."""
+    import json
+
+    from blade_mega.data.sidecar import Sidecar
+
+    base = _argv(demo_data, "--reweight-mix", "0.25", "--blade-lambda", "0")
+    save = str(tmp_path / "dp2")
+    run_distributed(pretrain_rank, WORLD, base + ["--save", save, "--log-file", save + ".jsonl",
+                                                  "--train-iters", "3"], timeout=TIMEOUT)
+    checkpoint = os.path.join(save, "iter_0000003")
+    # The sidecar is one file per dataset, written once (not per rank, not in the run state).
+    name = os.path.basename(demo_data.pool_prefix) + ".blade_sidecar"
+    assert sorted(n for n in os.listdir(checkpoint) if "sidecar" in n) == [
+        name + ".json", name + ".npy"]
+    for rank in range(WORLD):
+        state = torch.load(os.path.join(checkpoint, f"run_state_rank{rank:05d}.pt"),
+                           weights_only=False)
+        assert "sidecars" not in state["hook"]
+    saved = numpy.load(os.path.join(checkpoint, name + ".npy"))
+    with open(save + ".jsonl") as f:
+        consumed = [json.loads(l) for l in f if '"train"' in l][-1]["consumed"]
+
+    refused = run_distributed(_resume_error, 1, base + ["--load", save, "--train-iters", "5"],
+                              timeout=TIMEOUT)[0]
+    assert "data-parallel size 2, this run has 1" in refused and "--no-load-optim" in refused
+
+    out = str(tmp_path / "dp1")
+    records = run_distributed(pretrain_rank, 1, base + [
+        "--load", save, "--no-load-optim", "--save", out, "--log-file", out + ".jsonl",
+        "--train-iters", "5"], timeout=TIMEOUT)[0]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["iteration"] for r in train] == [4, 5]
+    block = 16  # 8 / keep ratio 0.5; a quarter of it drawn by keep rate
+    assert train[0]["consumed"] == consumed + (block - 4)
+    with open(os.path.join(checkpoint, name + ".json")) as f:
+        documents = json.load(f)["documents"]
+    resumed = Sidecar.load(os.path.join(out, "iter_0000005", name + ".npy"), documents, "pool")
+    rows = resumed.rows(saved["document"])
+    # Every document scored before the resume keeps its counts (and gains the new rounds').
+    assert (rows[:, 0] >= saved["scored"]).all()
+    total = resumed.sorted_rows()[1][:, 0].sum()
+    assert total == saved["scored"].sum() + 2 * block
+
+
+def _resume_error(argv):
+    from blade_mega.config import parse_args
+    from blade_mega.errors import UserError
+    from blade_mega.pretrain import pretrain
+
+    try:
+        pretrain(parse_args(argv))
+    except UserError as err:
+        return str(err)
+    return ""

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from blade_mega.data.inputs import iter_texts
+from blade_mega.prepare.inputs import iter_texts
 from blade_mega.errors import UserError
 from blade_mega.tokenizer import Tokenizer, meta_path_for, sample_lines, train_tokenizer
 from conftest import assert_user_error, run_tool

@@ -168,7 +168,7 @@ class Demo:
         if self.stages.is_done("corpus", self.corpus_settings, outputs):
             banner(f"corpus: up to date in {corpus_dir}")
             return
-        from blade_mega.data.demo_corpus import build_demo_corpus, write_demo_corpus
+        from blade_mega.prepare.demo_corpus import build_demo_corpus, write_demo_corpus
 
         banner(f"corpus: {self.args.size_mb} MB stdlib pool, {self.args.noise_rate:.0%} noise")
         splits, labels = build_demo_corpus(self.args.size_mb, self.args.noise_rate,
@@ -183,7 +183,7 @@ class Demo:
         if self.stages.is_done("tokenizer", self.data_settings, [self.tokenizer]):
             banner(f"tokenizer: up to date ({self.tokenizer})")
             return
-        from blade_mega.data.inputs import iter_texts
+        from blade_mega.prepare.inputs import iter_texts
         from blade_mega.tokenizer import train_tokenizer
 
         banner(f"tokenizer: BPE, vocab {self.args.vocab_size}")
@@ -198,7 +198,7 @@ class Demo:
         if self.stages.is_done("datasets", self.data_settings, outputs):
             banner("datasets: up to date")
             return
-        from blade_mega.data.preprocess import preprocess
+        from blade_mega.prepare.preprocess import preprocess
 
         banner("datasets: tokenising pool, target and test")
         for split in SPLITS:

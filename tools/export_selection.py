@@ -30,7 +30,7 @@ import warnings
 
 import numpy
 
-from blade_mega.data.samples import open_indexed
+from blade_mega.prepare.inspect import load as open_indexed
 from blade_mega.data import sidecar
 from blade_mega.data.sidecar import EXCESS_SUM, KEPT, SCORED, Sidecar
 from blade_mega.errors import UserError, run_cli
@@ -132,7 +132,7 @@ def export(sidecar: str, data_path: str, output_prefix: str, metric: str, thresh
     dataset = open_indexed(data_path)
     num_documents = len(dataset.sequence_lengths)
     path = resolve_sidecar(sidecar, data_path)
-    weights = document_weights(Sidecar.load(path, num_documents, data_path).table, metric)
+    weights = document_weights(Sidecar.load(path, num_documents, data_path).dense_table(), metric)
     if not numpy.isfinite(weights).any() and not keep_unscored:
         raise UserError(f"{path}: no document was ever scored; train longer with selection on, "
                         "or pass --keep-unscored")

@@ -11,7 +11,7 @@ Writes pool.jsonl (with labelled noise), target.jsonl, test.jsonl ({"text", "id"
 
 import argparse
 
-from blade_mega.data.demo_corpus import build_demo_corpus, write_demo_corpus
+from blade_mega.prepare.demo_corpus import build_demo_corpus, write_demo_corpus
 from blade_mega.errors import run_cli
 
 

@@ -12,7 +12,7 @@ Writes <output-prefix>_<key>_document.bin/.idx for each json key (and .meta.json
 
 import argparse
 
-from blade_mega.data.preprocess import DTYPE_CHOICES, preprocess
+from blade_mega.prepare.preprocess import DTYPE_CHOICES, preprocess
 from blade_mega.errors import run_cli
 
 

@@ -12,7 +12,7 @@ unk_id, model_type). Same inputs and seed give a byte-identical model.
 
 import argparse
 
-from blade_mega.data.inputs import expand_inputs, iter_texts
+from blade_mega.prepare.inputs import expand_inputs, iter_texts
 from blade_mega.errors import run_cli
 from blade_mega.tokenizer import MODEL_TYPES, train_tokenizer
 

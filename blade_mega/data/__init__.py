@@ -1,1 +1,1 @@
-"""Data pipeline: demo corpus, raw-text inputs, tokenisation into indexed datasets, inspection."""
+"""The online data path: sample index (global ids), candidate-block sampler, reweighting sidecar."""

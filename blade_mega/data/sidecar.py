@@ -1,71 +1,186 @@
-"""The reweighting sidecar: per-document selection statistics, one float32 table per dataset.
+"""The reweighting sidecar: per-document selection statistics of one dataset, kept sparse.
 
 Columns: how often a document's samples were scored, how often they were kept, and the sum of
-their selection scores: excess loss, or influence for sketch-influence.  It biases future
-candidate sampling (``--reweight-mix``), is saved with checkpoints, and
-``tools/export_selection.py`` turns it into a filtered Megatron dataset.  Every rank holds the
-same table (updates are computed from all-gathered scores); rank 0 writes the file.
+their selection scores (excess loss, or influence for sketch-influence). It biases future
+candidate sampling (``--reweight-mix``), is saved once per checkpoint, and
+``tools/export_selection.py`` turns it into a filtered Megatron dataset.
+
+Only documents that were ever scored have a row: a run scores ``steps x block`` candidates, a
+small share of a 10^9-document corpus, so memory and checkpoint bytes grow with the run, not
+the corpus. Rows live in a few sorted levels (a log-structured merge: each update adds a small
+sorted level, equal-sized neighbours merge), so an update costs O(block log n) amortised and a
+lookup O(log^2 n). Every rank holds the same rows: updates come from all-gathered scores.
+
+On disk (``<dataset>.blade_sidecar.npy``): one structured array sorted by document, memory-mapped
+when read, and a ``.json`` beside it naming the dataset's document count.
 """
 
 from __future__ import annotations
 
-import io
+import json
 import os
 
 import numpy as np
 
 from blade_mega.atomic import write_atomic
+from blade_mega.errors import UserError
 
 SCORED, KEPT, EXCESS_SUM = 0, 1, 2
 SUFFIX = ".blade_sidecar.npy"
+ROW = np.dtype([("document", "<i8"), ("scored", "<f4"), ("kept", "<f4"), ("score_sum", "<f4")])
+
+
+class _Level:
+    def __init__(self, documents: np.ndarray, table: np.ndarray):
+        self.documents = documents  # sorted, unique
+        self.table = table          # [n, 3] float32
 
 
 class Sidecar:
     def __init__(self, num_documents: int):
-        self.table = np.zeros((num_documents, 3), dtype=np.float32)
+        self.num_documents = int(num_documents)
+        self._levels: list[_Level] = []
+
+    def __len__(self) -> int:
+        """Documents with a row (ever scored)."""
+        return sum(len(level.documents) for level in self._levels)
+
+    def _lookup(self, documents: np.ndarray):
+        """For each level, (positions in ``documents`` found there, their rows in the level)."""
+        found = []
+        for level in self._levels:
+            pos = np.searchsorted(level.documents, documents)
+            pos_clipped = np.minimum(pos, len(level.documents) - 1)
+            hit = level.documents[pos_clipped] == documents
+            found.append((np.flatnonzero(hit), pos_clipped[hit]))
+        return found
 
     def update(self, documents: np.ndarray, kept: np.ndarray, scores: np.ndarray) -> None:
         """Record one selection round: documents scored, the share of each that was kept
         (0/1 for samples, a fraction for token-level masks), their (finite) scores."""
+        documents = np.asarray(documents, dtype=np.int64)
         finite = np.isfinite(scores)
-        np.add.at(self.table[:, SCORED], documents[finite], 1.0)
-        np.add.at(self.table[:, KEPT], documents[finite], kept[finite].astype(np.float32))
-        np.add.at(self.table[:, EXCESS_SUM], documents[finite], scores[finite].astype(np.float32))
+        if not finite.any():
+            return
+        unique, inverse = np.unique(documents[finite], return_inverse=True)
+        add = np.zeros((len(unique), 3), dtype=np.float64)
+        np.add.at(add[:, SCORED], inverse, 1.0)
+        np.add.at(add[:, KEPT], inverse, np.asarray(kept, dtype=np.float64)[finite])
+        np.add.at(add[:, EXCESS_SUM], inverse, np.asarray(scores, dtype=np.float64)[finite])
+        add = add.astype(np.float32)
+        new = np.ones(len(unique), dtype=bool)
+        for level, (where, rows) in zip(self._levels, self._lookup(unique)):
+            level.table[rows] += add[where]
+            new[where] = False
+        if new.any():
+            self._levels.append(_Level(unique[new], add[new]))
+            self._compact()
 
-    def keep_rate(self) -> np.ndarray:
+    def _compact(self) -> None:
+        # Merge while the newest level is at least half its older neighbour: O(log n) levels.
+        while len(self._levels) > 1 and \
+                2 * len(self._levels[-1].documents) >= len(self._levels[-2].documents):
+            newer, older = self._levels.pop(), self._levels.pop()
+            documents = np.concatenate([older.documents, newer.documents])
+            order = np.argsort(documents, kind="stable")
+            self._levels.append(_Level(documents[order],
+                                       np.concatenate([older.table, newer.table])[order]))
+
+    def rows(self, documents: np.ndarray) -> np.ndarray:
+        """[n, 3] statistics of ``documents`` (zeros for documents never scored)."""
+        documents = np.asarray(documents, dtype=np.int64)
+        out = np.zeros((len(documents), 3), dtype=np.float32)
+        for level, (where, rows) in zip(self._levels, self._lookup(documents)):
+            out[where] = level.table[rows]
+        return out
+
+    def keep_rate(self, documents: np.ndarray) -> np.ndarray:
         """Smoothed fraction of times each document was kept; 0.5 for documents never scored."""
-        return (self.table[:, KEPT] + 1.0) / (self.table[:, SCORED] + 2.0)
+        rows = self.rows(documents)
+        return (rows[:, KEPT].astype(np.float64) + 1.0) / (rows[:, SCORED] + 2.0)
 
-    def mean_excess(self) -> np.ndarray:
-        scored = self.table[:, SCORED]
-        return np.divide(self.table[:, EXCESS_SUM], scored, out=np.zeros_like(scored),
-                         where=scored > 0)
+    def sorted_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(documents, [n, 3] table) of every scored document, sorted by document."""
+        if not self._levels:
+            return np.zeros(0, dtype=np.int64), np.zeros((0, 3), dtype=np.float32)
+        documents = np.concatenate([level.documents for level in self._levels])
+        table = np.concatenate([level.table for level in self._levels])
+        order = np.argsort(documents, kind="stable")
+        return documents[order], table[order]
 
+    def dense_table(self) -> np.ndarray:
+        """[num_documents, 3]: for offline tools that walk every document anyway (export)."""
+        table = np.zeros((self.num_documents, 3), dtype=np.float32)
+        documents, rows = self.sorted_rows()
+        table[documents] = rows
+        return table
+
+    def mean_excess(self, documents: np.ndarray) -> np.ndarray:
+        rows = self.rows(documents)
+        return np.divide(rows[:, EXCESS_SUM], rows[:, SCORED], out=np.zeros(len(rows), np.float32),
+                         where=rows[:, SCORED] > 0)
+
+    # -- files ---------------------------------------------------------------------------------
     def save(self, path: str) -> None:
-        """Atomic write: a reader never sees a half-written table."""
-        buffer = io.BytesIO()
-        np.save(buffer, self.table)
-        write_atomic(path, buffer.getvalue())
+        """Atomic write of the rows and the document count: a reader never sees half a table."""
+        documents, table = self.sorted_rows()
+        records = np.empty(len(documents), dtype=ROW)
+        records["document"] = documents
+        records["scored"], records["kept"], records["score_sum"] = table.T
+        with open(path + ".tmp", "wb") as f:
+            np.save(f, records)
+        os.replace(path + ".tmp", path)
+        write_atomic(_meta_path(path), json.dumps({"documents": self.num_documents,
+                                                   "rows": int(len(documents))}))
 
     @classmethod
     def load(cls, path: str, num_documents: int, prefix: str) -> "Sidecar":
-        """Read a saved table, checking it belongs to the dataset ``prefix``."""
-        from blade_mega.errors import UserError
-
+        """Read a saved sidecar (memory-mapped), checking it belongs to the dataset ``prefix``.
+        Also reads the dense [documents x 3] tables of earlier versions."""
         try:
-            table = np.load(path, allow_pickle=False)
+            records = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as err:
             raise UserError(f"{path}: not a readable sidecar ({str(err).splitlines()[0]}); "
                             "pass the .blade_sidecar.npy saved in a checkpoint directory") from None
-        if table.ndim != 2 or table.shape[1] != 3 or not np.issubdtype(table.dtype, np.floating):
-            raise UserError(f"{path}: shape {table.shape} {table.dtype} is not a sidecar table "
-                            "(documents x 3 floats); pass the .blade_sidecar.npy of a checkpoint")
-        if table.shape[0] != num_documents:
-            raise UserError(f"{path}: sidecar has {table.shape[0]} documents but {prefix} has "
-                            f"{num_documents}; pass the --data-path this sidecar was trained on")
         sidecar = cls(num_documents)
-        sidecar.table[:] = table
+        if records.dtype == ROW and records.ndim == 1:
+            saved_documents = _saved_document_count(path)
+            if saved_documents is not None and saved_documents != num_documents:
+                raise UserError(f"{path}: sidecar is of a dataset of {saved_documents} documents "
+                                f"but {prefix} has {num_documents}; pass the --data-path this "
+                                "sidecar was trained on")
+            documents = np.asarray(records["document"])
+            if len(documents) and (documents[-1] >= num_documents or documents[0] < 0):
+                raise UserError(f"{path}: sidecar names document {int(documents[-1])} but {prefix} "
+                                f"has {num_documents}; pass the --data-path it was trained on")
+            table = np.stack([records["scored"], records["kept"], records["score_sum"]], axis=1)
+        elif records.ndim == 2 and records.shape[1] == 3 and \
+                np.issubdtype(records.dtype, np.floating):
+            if records.shape[0] != num_documents:
+                raise UserError(f"{path}: sidecar has {records.shape[0]} documents but {prefix} "
+                                f"has {num_documents}; pass the --data-path this sidecar was "
+                                "trained on")
+            documents = np.flatnonzero(np.asarray(records[:, SCORED]) > 0)
+            table = np.asarray(records[documents])
+        else:
+            raise UserError(f"{path}: {records.shape} {records.dtype} is not a sidecar table; "
+                            "pass the .blade_sidecar.npy of a checkpoint")
+        if len(documents):
+            sidecar._levels = [_Level(np.array(documents, dtype=np.int64),
+                                      np.array(table, dtype=np.float32))]
         return sidecar
+
+
+def _meta_path(path: str) -> str:
+    return path[:-len(".npy")] + ".json" if path.endswith(".npy") else path + ".json"
+
+
+def _saved_document_count(path: str):
+    try:
+        with open(_meta_path(path)) as f:
+            return int(json.load(f)["documents"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def path_in(directory: str, prefix: str) -> str:

@@ -15,6 +15,7 @@ never looked up from globals inside the hook.
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -22,7 +23,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from blade_mega.data.samples import BlendedWindows
+from blade_mega.data.sample_index import SampleIndex
 from blade_mega.data.sidecar import Sidecar, path_in
 from blade_mega.engine import ModelEngine, split_microbatches
 from blade_mega.errors import UserError
@@ -49,8 +50,8 @@ class ProcessGroups:
 class SelectionContext:
     args: argparse.Namespace
     learner: ModelEngine
-    train: BlendedWindows
-    target: Optional[BlendedWindows]
+    train: SampleIndex
+    target: Optional[SampleIndex]
     groups: ProcessGroups
     build_engine: Callable[[ModelSize, bool], ModelEngine]  # (size, offload) -> new model+engine
     learner_size: ModelSize
@@ -115,34 +116,32 @@ class SelectionHook:
         return dict(batch.stats)
 
     def state_dict(self) -> dict:
-        if not self.keeps_sidecar:
-            return {}
-        return {"sidecars": [s.table.copy() for s in self.ctx.sidecars]}
+        """The hook's small run state (per rank). Sidecars are not in it: they are files,
+        written once per checkpoint by ``save_engines``."""
+        return {}
 
     def load_state_dict(self, state: dict) -> None:
-        # .get: sketch-influence checkpoints from before it kept a sidecar have none, and an
-        # empty table is what they recorded.
-        tables = state.get("sidecars", ())
-        if not self.keeps_sidecar or not tables:
-            return
-        saved = [tuple(t.shape) for t in tables]
-        have = [tuple(s.table.shape) for s in self.ctx.sidecars]
-        if saved != have:
-            raise UserError(f"the checkpoint's sidecar tables {saved} (documents x columns per "
-                            f"dataset) do not match this run's data {have}; resume with the "
-                            "--data-path the checkpoint was trained on")
-        for sidecar, table in zip(self.ctx.sidecars, tables):
-            sidecar.table[:] = table
+        pass
 
     def save_engines(self, directory: str) -> None:
         """Save the hook's own files into ``directory``: the sidecars here (every rank holds the
-        same tables, so rank 0 writes them); subclasses add their extra model engines."""
+        same rows, so rank 0 writes them, once); subclasses add their extra model engines."""
         if self.keeps_sidecar and torch.distributed.get_rank() == 0:
-            for part, sidecar in zip(self.ctx.train.parts, self.ctx.sidecars):
-                sidecar.save(path_in(directory, part.prefix))
+            for prefix, sidecar in zip(self.ctx.train.prefixes, self.ctx.sidecars):
+                sidecar.save(path_in(directory, prefix))
 
-    def load_engines(self, directory: str) -> None:
-        pass
+    def load_engines(self, directory: str, load_optimizer: bool = True) -> None:
+        """Read the sidecars saved in ``directory`` (every rank reads the same files);
+        subclasses load their engines (without optimizer state if not ``load_optimizer``)."""
+        if not self.keeps_sidecar:
+            return
+        for part, prefix in enumerate(self.ctx.train.prefixes):
+            path = path_in(directory, prefix)
+            if not os.path.isfile(path):
+                raise UserError(f"{path}: the checkpoint has no sidecar for {prefix}; resume with "
+                                "the --data-path and --selection it was trained with")
+            self.ctx.sidecars[part] = Sidecar.load(path, self.ctx.train.num_documents(part),
+                                                   prefix)
 
     # -- helpers for plug-ins ----------------------------------------------------------------
     def local_share(self, ids: np.ndarray) -> np.ndarray:

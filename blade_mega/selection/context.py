@@ -8,22 +8,23 @@ from typing import Optional
 import numpy as np
 import torch
 
-from blade_mega.data.samples import BlendedWindows
+from blade_mega.data.sample_index import SampleIndex
 from blade_mega.engine import comm_device
 from blade_mega.data.sidecar import Sidecar
 from blade_mega.errors import UserError
 
 
-def sidecars_for(windows: BlendedWindows) -> list[Sidecar]:
-    return [Sidecar(len(part.dataset.sequence_lengths)) for part in windows.parts]
+def sidecars_for(samples: SampleIndex) -> list[Sidecar]:
+    """One (empty, sparse) sidecar per dataset of the blend."""
+    return [Sidecar(samples.num_documents(part)) for part in range(len(samples.datasets))]
 
 
-def load_noise_labels(path: Optional[str], windows: BlendedWindows
+def load_noise_labels(path: Optional[str], windows: SampleIndex
                       ) -> tuple[Optional[np.ndarray], tuple[str, ...]]:
     """Per-document noise type codes of the first dataset, from a preprocess ``meta.jsonl``."""
     if not path:
         return None, ()
-    num_docs = len(windows.parts[0].dataset.sequence_lengths)
+    num_docs = windows.num_documents(0)
     names: list[str] = []
     codes = []
     try:
@@ -41,11 +42,11 @@ def load_noise_labels(path: Optional[str], windows: BlendedWindows
         raise UserError(f"{path}: cannot read noise labels ({err.strerror}); check --noise-labels")
     if len(codes) != num_docs:
         raise UserError(f"{path}: {len(codes)} labels for {num_docs} documents of "
-                        f"{windows.parts[0].prefix}; use the meta.jsonl written with that dataset")
+                        f"{windows.prefixes[0]}; use the meta.jsonl written with that dataset")
     return np.asarray(codes, dtype=np.int16), tuple(names)
 
 
-def eval_loss(learner, windows: BlendedWindows, count: int, groups) -> float:
+def eval_loss(learner, windows: SampleIndex, count: int, groups) -> float:
     """Mean token loss over a fixed set of ``count`` samples (the same at every evaluation)."""
     per_rank_unit = groups.dp_size * learner.micro_batch_size
     count = max(per_rank_unit, (count // per_rank_unit) * per_rank_unit)

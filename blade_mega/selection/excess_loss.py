@@ -228,11 +228,14 @@ class ExcessLossSelector(SelectionHook):
             self.proxy.engine.save_checkpoint(directory, tag="proxy", save_latest=False)
         super().save_engines(directory)
 
-    def load_engines(self, directory: str) -> None:
+    def load_engines(self, directory: str, load_optimizer: bool = True) -> None:
+        super().load_engines(directory, load_optimizer)
         if self.reference is not None:
-            self.reference.load(directory)
+            self.reference.load(directory, load_optimizer)
         if self.proxy is not None:
             path, _ = self.proxy.engine.load_checkpoint(directory, tag="proxy",
+                                                        load_module_only=not load_optimizer,
+                                                        load_optimizer_states=load_optimizer,
                                                         load_lr_scheduler_states=False)
             if path is None:
                 raise UserError(f"{os.path.join(directory, 'proxy')}: proxy learner checkpoint "

@@ -101,9 +101,10 @@ class Reference:
     def save(self, directory: str) -> None:
         self.model.engine.save_checkpoint(directory, tag="reference", save_latest=False)
 
-    def load(self, directory: str) -> None:
+    def load(self, directory: str, load_optimizer: bool = True) -> None:
         path, _ = self.model.engine.load_checkpoint(directory, tag="reference",
-                                                    load_optimizer_states=True,
+                                                    load_module_only=not load_optimizer,
+                                                    load_optimizer_states=load_optimizer,
                                                     load_lr_scheduler_states=False)
         if path is None:
             raise UserError(f"{os.path.join(directory, 'reference')}: reference checkpoint "

@@ -32,8 +32,10 @@ def normalize_prefix(path: str) -> str:
     return path
 
 
-def verify(prefix: str) -> None:
-    """Raise UserError describing the first inconsistency between `prefix`.idx and .bin."""
+def check_header(prefix: str, check_bin: bool = True) -> tuple[int, int, int]:
+    """O(1) checks of `prefix`.idx/.bin (header, dtype, the .idx size against its counts, the .bin
+    size against the last sequence): what every rank runs on open. Returns (sequences, documents,
+    itemsize). The full scan is `verify`."""
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
     for path in (idx_path, bin_path):
         if not os.path.isfile(path):
@@ -51,7 +53,6 @@ def verify(prefix: str) -> None:
         itemsize = DType.size(code)
     except ValueError:
         raise UserError(f"{idx_path}: unknown dtype code {code}") from None
-
     arrays_size = sequences * (4 + 8) + documents * 8
     idx_size = os.path.getsize(idx_path)
     # Multimodal datasets add one int8 mode per sequence.
@@ -60,11 +61,28 @@ def verify(prefix: str) -> None:
             f"{idx_path}: size {idx_size} bytes does not match its counts "
             f"({sequences} sequences, {documents} document indices); file is truncated or damaged"
         )
+    if sequences and check_bin:
+        index = numpy.memmap(idx_path, mode="r", dtype=numpy.uint8)
+        last_length = int(numpy.frombuffer(index, numpy.int32, 1, _HEADER.size + 4 * (sequences - 1))[0])
+        last_pointer = int(numpy.frombuffer(index, numpy.int64, 1, _HEADER.size + 4 * sequences
+                                            + 8 * (sequences - 1))[0])
+        bin_size = os.path.getsize(bin_path)
+        if last_pointer + last_length * itemsize != bin_size:
+            raise UserError(f"{bin_path}: {bin_size} bytes, but its .idx says the last sequence ends "
+                            f"at byte {last_pointer + last_length * itemsize}; the .bin is damaged "
+                            "or does not belong to this .idx (tools/inspect_data.py --verify)")
+    return sequences, documents, itemsize
+
+
+def verify(prefix: str) -> None:
+    """Raise UserError describing the first inconsistency between `prefix`.idx and .bin: reads
+    every pointer (O(documents)); `tools/inspect_data.py --verify` and a cold index build run it."""
+    idx_path, bin_path = prefix + ".idx", prefix + ".bin"
+    sequences, documents, itemsize = check_header(prefix, check_bin=False)  # its own messages
     index = numpy.memmap(idx_path, mode="r", dtype=numpy.uint8)
     lengths = numpy.frombuffer(index, numpy.int32, sequences, _HEADER.size)
     pointers = numpy.frombuffer(index, numpy.int64, sequences, _HEADER.size + 4 * sequences)
     doc_indices = numpy.frombuffer(index, numpy.int64, documents, _HEADER.size + 12 * sequences)
-
     bin_size = os.path.getsize(bin_path)
     if sequences:
         if (lengths < 0).any():

@@ -20,7 +20,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Union
 import numpy
 from tqdm import tqdm
 
-from blade_mega.data.inputs import InvalidRecord, RawRecord, expand_inputs, iter_raw_records, parse_record
+from blade_mega.prepare.inputs import InvalidRecord, RawRecord, expand_inputs, iter_raw_records, parse_record
 from blade_mega.errors import UserError
 from blade_mega.tokenizer import Tokenizer
 

@@ -1,0 +1,1 @@
+"""Offline preparation: raw text -> tokenizer -> Megatron indexed datasets, and their checks."""
