@@ -93,7 +93,7 @@ def main() -> None:
     iterations = [r["iteration"] for r in train]
     consumed_ok = all(r["consumed"] == r["iteration"] * BLOCK for r in train)
     sidecar = np.load(os.path.join(save, f"iter_{args.steps:07d}",
-                                   "pool_text_document.blade_sidecar.npy"))
+                                   "pool_text_document.blade_sidecar.npy"))  # scored rows only
     scored_expected = sum(BLOCK for r in train if r.get("nonfinite_scores", 0) == 0)
     kept_expected = sum(r["kept_fraction"] * BLOCK for r in train)
     figures = {
@@ -105,8 +105,8 @@ def main() -> None:
         "log_iterations_complete": iterations == list(range(1, args.steps + 1)),
         "consumed_consistent": consumed_ok,
         "bad_steps": sum(r["kind"] == "bad_step" for r in records),
-        "sidecar_scored": float(sidecar[:, 0].sum()), "log_scored": float(scored_expected),
-        "sidecar_kept": float(sidecar[:, 1].sum()), "log_kept": float(kept_expected),
+        "sidecar_scored": float(sidecar["scored"].sum()), "log_scored": float(scored_expected),
+        "sidecar_kept": float(sidecar["kept"].sum()), "log_kept": float(kept_expected),
         "checkpoints": sum(r["kind"] == "checkpoint" for r in records),
     }
     figures["sidecar_consistent"] = (figures["sidecar_scored"] == figures["log_scored"]

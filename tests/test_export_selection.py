@@ -8,7 +8,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from blade_mega.prepare.inspect import verify
-from blade_mega.data.sidecar import EXCESS_SUM, KEPT, SCORED, Sidecar
+from blade_mega.data.sidecar import Sidecar
 from conftest import assert_user_error, run_tool
 
 
@@ -29,9 +29,11 @@ def sidecar_file(source, tmp_path):
     """Documents 0-9 scored 4 times: kept 4,3,2,1,0,... times; excess sums 0,1,2,... (ties at 8)."""
     prefix, documents = source
     sidecar = Sidecar(len(documents))
-    sidecar.table[:10, SCORED] = 4
-    sidecar.table[:10, KEPT] = [4, 3, 2, 1, 0, 4, 3, 2, 1, 0]
-    sidecar.table[:10, EXCESS_SUM] = [0, 4, 8, 8, 2, 8, 1, -3, 0, 6]
+    kept = [4, 3, 2, 1, 0, 4, 3, 2, 1, 0]
+    excess = [0, 4, 8, 8, 2, 8, 1, -3, 0, 6]
+    for round_ in range(4):  # four rounds: kept k of the 4 times, excess summing to the value
+        sidecar.update(numpy.arange(10), (numpy.array(kept) > round_).astype(float),
+                       numpy.array(excess, dtype=numpy.float64) / 4)
     path = str(tmp_path / (os.path.basename(prefix) + ".blade_sidecar.npy"))
     sidecar.save(path)
     return path

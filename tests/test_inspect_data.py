@@ -78,8 +78,8 @@ def test_verify_accepts_good_data(demo_data):
 
 def test_missing_file(copy):
     os.remove(copy + ".bin")
-    assert_user_error(run_tool("inspect_data", copy, "--verify"), "copy.bin", "not found")
-    assert_user_error(run_tool("inspect_data", copy), "copy.bin", "not found")
+    assert_user_error(run_tool("inspect_data", copy, "--verify"), "copy.bin", "no such file")
+    assert_user_error(run_tool("inspect_data", copy), "copy.bin", "no such file")
 
 
 def test_wrong_magic(copy):

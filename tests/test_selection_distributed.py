@@ -142,7 +142,7 @@ def _nan_checks(argv):
                 stats = hook.after_step(1, batch, 1e-3)
             row = {"block": block.ids, "kept": batch.ids, "stats": stats,
                    "warnings": [str(w.message) for w in caught],
-                   "sidecar_scored": float(trainer.hook.ctx.sidecars[0].table[:, 0].sum())}
+                   "sidecar_scored": float(trainer.hook.ctx.sidecars[0].sorted_rows()[1][:, 0].sum())}
             if batch.chosen:
                 row["masks"] = torch.cat([batch.chosen[i][0]
                                           for i in sorted(batch.chosen)]).numpy()

@@ -39,7 +39,8 @@ def check_header(prefix: str, check_bin: bool = True) -> tuple[int, int, int]:
     idx_path, bin_path = prefix + ".idx", prefix + ".bin"
     for path in (idx_path, bin_path):
         if not os.path.isfile(path):
-            raise UserError(f"{path}: file not found; check the dataset prefix")
+            raise UserError(f"{path}: no such file; pass the prefix of a dataset written by "
+                            "tools/preprocess_data.py (without .bin/.idx)")
     with open(idx_path, "rb") as f:
         header = f.read(_HEADER.size)
     if len(header) < _HEADER.size:
