@@ -428,6 +428,8 @@ def test_resume_with_another_dp_size_continues_data_and_sidecar(demo_data, tmp_p
         "--train-iters", "5"], timeout=TIMEOUT)[0]
     train = [r for r in records if r["kind"] == "train"]
     assert [r["iteration"] for r in train] == [4, 5]
+    end = next(r for r in records if r["kind"] == "end")
+    assert end["prefetch_hits"] > 0  # the in-order samples of step 5 were read ahead
     block = 16  # 8 / keep ratio 0.5; a quarter of it drawn by keep rate
     assert train[0]["consumed"] == consumed + (block - 4)
     with open(os.path.join(checkpoint, name + ".json")) as f:

@@ -269,16 +269,26 @@ def test_selecting_steps_log_kept_fraction_influence_and_noise_stats(trained):
     assert "trained_share" not in logged[WARMUP]  # warm-up steps do not select
 
 
+def _dense_sidecar(path):
+    import json
+
+    from blade_mega.data.sidecar import Sidecar
+
+    with open(path[:-len(".npy")] + ".json") as f:
+        documents = json.load(f)["documents"]
+    return Sidecar.load(path, documents, "pool").dense_table()
+
+
 def test_checkpoint_holds_the_sidecar_and_resume_restores_it(trained):
     name = trained["sidecar"]
-    saved = np.load(os.path.join(trained["split"], "iter_0000002", name))
+    saved = _dense_sidecar(os.path.join(trained["split"], "iter_0000002", name))
     # Step 0 was warm-up, step 1 selected: one block scored, one batch kept.
     assert saved[:, SCORED].sum() == BLOCK and saved[:, KEPT].sum() == BATCH
     for rank in trained["ranks"]:
         assert np.array_equal(rank["restored"], saved)
         assert rank["restored_target_consumed"] == BATCH  # one V batch per selecting step
     # Resumed, the run ends with the straight run's sidecar (in the file and in memory).
-    full, split = (np.load(os.path.join(trained[d], "iter_0000004", name))
+    full, split = (_dense_sidecar(os.path.join(trained[d], "iter_0000004", name))
                    for d in ("full", "split"))
     assert np.array_equal(full, trained["ranks"][0]["table"])
     assert np.array_equal(full[:, :2], split[:, :2])
