@@ -67,6 +67,19 @@ def demo_data(tmp_path_factory) -> DemoData:
     )
 
 
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """A 1-rank gloo process group in the test process, as under torchrun with one rank."""
+    import torch
+
+    from blade_mega.testing import free_port
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                         rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
 def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
     """Run tools/<tool>.py as `__main__` in this process, capturing its output and exit status.
     (A subprocess would spend seconds importing torch; `run_tool_in_subprocess` checks that the

@@ -4,23 +4,16 @@ from unittest import mock
 
 import numpy
 import pytest
-import torch
 
 from blade_mega.data.block_sampler import CandidateBlockSampler
 from blade_mega.data.sample_index import DataSpec, SampleIndex, build_sample_indices
 from blade_mega.data.sidecar import Sidecar
-from blade_mega.testing import free_port
 from blade_mega.tokenizer import Tokenizer
 
 SEQ = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_rank_group():
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
-                                         rank=0, world_size=1)
-    yield
-    torch.distributed.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_rank_group")  # BlendedDataset asks for the rank
 
 
 @pytest.fixture(scope="module")

@@ -13,19 +13,12 @@ from blade_mega.data.prefetch import Prefetcher
 from blade_mega.data.sample_index import DataSpec, build_sample_indices
 from blade_mega.errors import UserError
 from blade_mega.prepare.preprocess import dataset_prefix, preprocess
-from blade_mega.testing import free_port
 from blade_mega.tokenizer import Tokenizer
 
 SEQ = 64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_rank_group():
-    """BlendedDataset asks for the rank: a 1-rank gloo group, as under torchrun."""
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
-                                         rank=0, world_size=1)
-    yield
-    torch.distributed.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_rank_group")  # BlendedDataset asks for the rank
 
 
 @pytest.fixture(scope="module")

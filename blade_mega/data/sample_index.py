@@ -207,7 +207,9 @@ def gpt_config(spec: DataSpec, tokenizer, *, seq_length: int, seed: int,
         blend_per_split=spec.blend_per_split, path_to_cache=cache_path, tokenizer=tokenizer,
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         create_attention_mask=False,
-        mmap_bin_files=False)  # megatron.core reads the .bin by file offset, for the same reason
+        # megatron.core then reads the .bin by file offset, not through a memory map whose
+        # read-around would count in resident memory (see data/pread_array.py).
+        mmap_bin_files=False)
 
 
 def build_sample_indices(spec: DataSpec, sizes: Sequence[Optional[int]], tokenizer, *,
