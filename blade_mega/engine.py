@@ -79,11 +79,31 @@ def check_zero_schedule(zero_stage: int, num_microbatches: int) -> None:
         raise UserError(f"--zero-stage {zero_stage} is not supported; use 0, 1 or 2")
 
 
+def decays(name: str, param: torch.nn.Parameter) -> bool:
+    """Megatron-LM's rule: no weight decay on biases and 1-D parameters (every norm's weight);
+    a name naming a norm counts too (LayerNorm or RMSNorm, fused into a linear or not)."""
+    from blade_mega.model import is_norm
+
+    return not (name.endswith("bias") or param.dim() == 1 or is_norm(name))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The optimizer's two groups (empty ones left out: DeepSpeed cannot flatten them)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if decays(name, param) else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
 def initialize_engine(model: torch.nn.Module, config: dict):
     import deepspeed
 
+    weight_decay = config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model=model, model_parameters=param_groups(model, weight_decay),
         config=config, mpu=MegatronMPU())
     return engine
 
