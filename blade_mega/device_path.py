@@ -1,11 +1,11 @@
 """Which Megatron-Core model path this machine runs: one decision, made from three facts.
 
-| CUDA | Transformer Engine | Apex | layer spec | core attention | fused kernels |
-|---|---|---|---|---|---|
-| yes | yes | any | TE's (``get_gpt_layer_with_transformer_engine_spec``) | TE's (flash / cuDNN fused) | bias-GELU/SwiGLU, bias-dropout-add, masked softmax, RoPE |
-| yes | no | yes | local | torch SDPA (flash) | bias-GELU/SwiGLU, bias-dropout-add; Apex's persistent LayerNorm |
-| yes | no | no | local | torch SDPA (flash) | bias-GELU/SwiGLU, bias-dropout-add |
-| no | any | any | local | torch SDPA (CPU math kernel) | none (today's CPU path) |
+| CUDA | Transformer Engine | Apex | layer spec | core attention | fused kernels | sequence parallel |
+|---|---|---|---|---|---|---|
+| yes | yes | any | TE's (``get_gpt_layer_with_transformer_engine_spec``) | TE's (flash / cuDNN fused) | bias-GELU/SwiGLU, bias-dropout-add, masked softmax, RoPE | yes |
+| yes | no | yes | local | torch SDPA (flash) | bias-GELU/SwiGLU, bias-dropout-add; Apex's persistent LayerNorm | yes |
+| yes | no | no | local | torch SDPA (flash) | bias-GELU/SwiGLU, bias-dropout-add | no (torch LayerNorm) |
+| no | any | any | local | torch SDPA (CPU math kernel) | none (today's CPU path) | no |
 
 Megatron's gradient-accumulation fusion stays off everywhere: it accumulates into the
 ``main_grad`` buffers of Megatron's own DDP, and DeepSpeed owns the gradients here.  bf16 is the
@@ -31,6 +31,19 @@ class DevicePath:
     backend: str       # "nccl" | "gloo"
     bf16_default: bool
     fusions: dict = field(default_factory=dict)  # TransformerConfig field -> bool
+    # Megatron-Core's torch LayerNorm fallback cannot shard over the sequence: --sequence-parallel
+    # needs TE's or Apex's norm.
+    sequence_parallel: bool = False
+
+    def check(self, args) -> None:
+        """Refuse flags this path cannot run, in one line."""
+        from blade_mega.errors import UserError
+
+        if getattr(args, "sequence_parallel", False) and not self.sequence_parallel:
+            raise UserError(f"--sequence-parallel needs Transformer Engine or Apex's fused "
+                            f"LayerNorm (Megatron-Core's torch LayerNorm cannot shard over the "
+                            f"sequence), and this machine ({self.device}) has neither; install "
+                            f"one, or drop the flag")
 
     def config_fields(self, *, add_bias_linear: bool = True, gated_linear_unit: bool = False
                       ) -> dict:
@@ -70,7 +83,8 @@ def choose(cuda: bool, te: bool, apex: bool) -> DevicePath:
         "gradient_accumulation_fusion": False,  # needs Megatron DDP's main_grad (DeepSpeed here)
     }
     return DevicePath("cuda", "transformer_engine" if use_te else "local",
-                      "te" if use_te else "sdpa", "nccl", True, fusions)
+                      "te" if use_te else "sdpa", "nccl", True, fusions,
+                      sequence_parallel=te or apex)
 
 
 def environment() -> tuple[bool, bool, bool]:

@@ -127,7 +127,7 @@ class Trainer:
 
         from blade_mega.data.sampler import CandidateBlockSampler
         from blade_mega.data.samples import build_windows
-        from blade_mega import ds_config
+        from blade_mega import device_path, ds_config, plan
         from blade_mega.engine import check_zero_schedule
         from blade_mega.selection import make_hook
         from blade_mega.selection.base import ProcessGroups, SelectionContext
@@ -138,6 +138,8 @@ class Trainer:
         self.num_microbatches = check_layout(args, layout.dp)
         check_zero_schedule(args.zero_stage, self.num_microbatches)
         ds_config.for_run(args, layout.dp)  # a --deepspeed-config at odds with the flags fails here
+        device_path.detect().check(args)
+        plan.check_model_layout(model_size(args), layout.tp, layout.pp, args)
         self.rank = torch.distributed.get_rank()
         self.vocab = vocab_size(args)
         torch.manual_seed(args.seed)
@@ -280,6 +282,8 @@ class Trainer:
                   "hook_time_share": sum(w["hook_time"] for w in window) / seconds,
                   "block_crcs": [w["ids"] for w in window]}
         record.update(merge_stats([w["stats"] for w in window]))
+        if cuda_available():
+            record["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.log.write(record)
 
     def evaluate(self) -> None:

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from blade_mega import device_path
 from blade_mega.testing import pretrain_rank, run_distributed
 
 pytestmark = pytest.mark.cuda
+SEQUENCE_PARALLEL = torch.cuda.is_available() and device_path.detect().sequence_parallel
 
 FAST = ["--model-size", "tiny", "--seq-length", "64", "--global-batch-size", "4",
         "--micro-batch-size", "2", "--train-iters", "4", "--lr-warmup-iters", "2",
@@ -47,7 +49,8 @@ def test_one_gpu_bf16_run_trains(demo_data, tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("flags", [
     (),
-    ("--sequence-parallel",),
+    pytest.param(("--sequence-parallel",), marks=pytest.mark.skipif(
+        not SEQUENCE_PARALLEL, reason="needs Transformer Engine or Apex's LayerNorm")),
     ("--recompute-granularity", "selective"),
     ("--recompute-granularity", "full", "--recompute-method", "uniform"),
 ], ids=["tp2", "tp2-sp", "tp2-selective", "tp2-full"])

@@ -33,6 +33,7 @@ def test_device_path_table(env, spec, attention, fused, line):
     assert not path.fusions["gradient_accumulation_fusion"]  # DeepSpeed owns the gradients
     assert (path.backend, path.bf16_default) == (("nccl", True) if env[0] else ("gloo", False))
     assert path.describe().startswith(line)
+    assert path.sequence_parallel == (env[0] and (env[1] or env[2]))
 
 
 def test_bias_less_gelu_is_not_fused():
@@ -88,3 +89,28 @@ def test_recompute_and_sequence_parallel_flags(base):
         assert parse_args([*base, "--sequence-parallel"]).sequence_parallel is False
     assert parse_args([*base, "--sequence-parallel", "--tensor-model-parallel-size", "2"]
                       ).sequence_parallel is True
+
+
+def test_sequence_parallel_is_refused_where_megatron_cannot_run_it(base):
+    args = parse_args([*base, "--sequence-parallel", "--tensor-model-parallel-size", "2"])
+    with pytest.raises(UserError, match="--sequence-parallel needs Transformer Engine or Apex"):
+        device_path.detect().check(args)
+    choose(True, True, False).check(args)  # TE: fine
+
+
+def test_recompute_runs_on_cpu_and_changes_no_loss(demo_data, tmp_path):
+    """Recompute replays the forward under the saved RNG states: the same losses, bit for bit."""
+    from blade_mega.testing import pretrain_rank, run_distributed
+
+    def losses(*flags):
+        log = str(tmp_path / f"{len(flags)}.jsonl")
+        records = run_distributed(pretrain_rank, 1, [
+            "--tokenizer-model", demo_data.tokenizer_model, "--data-path", demo_data.pool_prefix,
+            "--seq-length", "32", "--global-batch-size", "4", "--micro-batch-size", "2",
+            "--train-iters", "3", "--log-interval", "1", "--eval-interval", "0", "--no-progress",
+            "--log-file", log, *flags], timeout=600)[0]
+        return [r["loss"] for r in records if r["kind"] == "train"]
+
+    plain = losses()
+    assert losses("--recompute-granularity", "full", "--recompute-num-layers", "2") == plain
+    assert losses("--recompute-granularity", "selective") == plain

@@ -83,6 +83,10 @@ def measure(argv: list[str], tp: int, pp: int) -> dict:
     import torch
     from megatron.core import parallel_state
 
+    from blade_mega import cpu_compat, parallel
+
+    cpu_compat.install()
+    parallel.init_distributed(tp, pp)
     trainer = trainer_in_rank(argv, tp, pp)
     try:
         hook = trainer.hook
@@ -113,6 +117,7 @@ def measure(argv: list[str], tp: int, pp: int) -> dict:
         return out
     finally:
         trainer.close()
+        parallel.shutdown()
 
 
 def layout_argv(demo_data, extra) -> list[str]:
