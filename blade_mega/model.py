@@ -204,7 +204,9 @@ def transformer_config(size: ModelSize, *, bf16: bool = False, dropout: float = 
         hidden_dropout=dropout,
         attention_dropout=dropout,
         init_method_std=init_std,
-        use_cpu_initialization=True,  # allocated on the host: initialize_weights fills the shards
+        # Shards are allocated where they will live (the GPU, or the host without CUDA), and
+        # initialize_weights fills them.
+        use_cpu_initialization=not cuda_available(),
         perform_initialization=False,  # Megatron's would build each full tensor on every rank
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,

@@ -38,8 +38,13 @@ def test_cuda_path_bf16_by_default_and_cpu_layer_inert(demo_data):
     assert parse_args([*base, "--fp32"]).bf16 is False
 
 
-def test_one_gpu_bf16_run_trains(demo_data, tmp_path):
-    records = train(demo_data, tmp_path, 1)
+@pytest.fixture(scope="module")
+def one_gpu(demo_data, tmp_path_factory) -> list[dict]:
+    return train(demo_data, tmp_path_factory.mktemp("one_gpu"), 1)
+
+
+def test_one_gpu_bf16_run_trains(one_gpu):
+    records = one_gpu
     assert records[0]["device_path"].startswith("cuda: ") and "bf16" in records[0]["device_path"]
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
@@ -54,8 +59,8 @@ def test_one_gpu_bf16_run_trains(demo_data, tmp_path):
     ("--recompute-granularity", "selective"),
     ("--recompute-granularity", "full", "--recompute-method", "uniform"),
 ], ids=["tp2", "tp2-sp", "tp2-selective", "tp2-full"])
-def test_tp2_matches_one_gpu(demo_data, tmp_path, flags):
-    single = [r["loss"] for r in train(demo_data, tmp_path, 1) if r["kind"] == "train"]
+def test_tp2_matches_one_gpu(demo_data, tmp_path, one_gpu, flags):
+    single = [r["loss"] for r in one_gpu if r["kind"] == "train"]
     tp2 = [r["loss"] for r in train(demo_data, tmp_path, 2, "--tensor-model-parallel-size", "2",
                                     *flags) if r["kind"] == "train"]
     assert tp2 == pytest.approx(single, abs=2e-2)  # bf16: a few ulps of the loss
