@@ -24,7 +24,10 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     # the environment (blade_mega/parallel.py), so it is accepted and ignored.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true",
-                   help="print the resolved config and parallel layout, then exit")
+                   help="print the resolved config, parallel layout and memory plan, then exit")
+    p.add_argument("--world-size", type=int,
+                   help="with --dry-run: plan for this many ranks (TP x PP x DP) without "
+                        "launching them")
 
     g = p.add_argument_group("model")
     g.add_argument("--model-size", default="tiny", choices=sorted(PRESETS))
@@ -35,7 +38,8 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, help="vocab size when no --tokenizer-model is given")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--bf16", action="store_true", help="bf16 weights and compute (GPUs)")
+    g.add_argument("--bf16", action="store_true", default=None,
+                   help="bf16 weights and compute (the default with CUDA; --fp32 opts out)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -44,6 +48,22 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--deepspeed-config", help="DeepSpeed JSON; replaces the generated one")
     g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
                    help="collective timeout: a dead rank ends the job after this long")
+
+    g = p.add_argument_group("speed and memory (Megatron-Core's; GPUs)")
+    g.add_argument("--fp32", action="store_true", help="fp32 weights and compute, even with CUDA")
+    g.add_argument("--recompute-granularity", choices=("selective", "full"),
+                   help="activation recompute: 'selective' recomputes core attention, 'full' "
+                        "whole layers (see --recompute-method)")
+    g.add_argument("--recompute-method", choices=("uniform", "block"),
+                   help="with --recompute-granularity full: 'uniform' recomputes every "
+                        "--recompute-num-layers-layer chunk, 'block' the first N layers of each "
+                        "stage (default uniform)")
+    g.add_argument("--recompute-num-layers", type=int,
+                   help="with --recompute-granularity full: layers per chunk (uniform) or "
+                        "layers recomputed per stage (block); default 1")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="shard LayerNorm and dropout activations over the TP ranks (needs TP > 1 "
+                        "and NCCL)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=[],
@@ -205,6 +225,7 @@ def model_size(args: argparse.Namespace) -> ModelSize:
 def validate(args: argparse.Namespace) -> None:
     """Checks that need no process group. Layout-dependent ones run after launch."""
     size = model_size(args)
+    resolve_device_flags(args)
     if args.seq_length > size.max_position_embeddings:
         raise UserError(f"--seq-length {args.seq_length} is above the model's "
                         f"--max-position-embeddings {size.max_position_embeddings}; "
@@ -245,6 +266,30 @@ def validate(args: argparse.Namespace) -> None:
     if args.train_data_path is not None and args.data_path:
         raise UserError("give either --data-path (with --split) or --train-data-path "
                         "(and --valid-data-path), not both")
+
+
+def resolve_device_flags(args: argparse.Namespace) -> None:
+    """bf16 by default with CUDA (--fp32 opts out); recompute flags as Megatron-LM checks them."""
+    from blade_mega.cpu_compat import cuda_available
+
+    if args.fp32 and args.bf16:
+        raise UserError("--bf16 and --fp32 contradict each other; give one")
+    args.bf16 = False if args.fp32 else (cuda_available() if args.bf16 is None else args.bf16)
+    full = args.recompute_granularity == "full"
+    if not full and (args.recompute_method is not None or args.recompute_num_layers is not None):
+        raise UserError("--recompute-method and --recompute-num-layers apply to "
+                        "--recompute-granularity full; add it or drop them")
+    if full:
+        if args.recompute_num_layers is not None and args.recompute_num_layers < 1:
+            raise UserError("--recompute-num-layers must be at least 1")
+        args.recompute_method = args.recompute_method or "uniform"
+        args.recompute_num_layers = args.recompute_num_layers or 1
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        # As Megatron-LM: nothing to shard over, so it is turned off (said once).
+        import warnings
+
+        warnings.warn("--sequence-parallel is off: it needs --tensor-model-parallel-size > 1")
+        args.sequence_parallel = False
 
 
 def check_layout(args: argparse.Namespace, dp: int) -> int:

@@ -3,7 +3,7 @@
 Megatron-Core names the CUDA device in a few places that the CPU path reaches: the pipeline
 schedules allocate a token counter on ``"cuda"``, the p2p layer and rotary embeddings ask
 ``torch.cuda.current_device()`` (p2p also ``torch.cuda.synchronize()``), and the model-parallel RNG
-tracker keeps CUDA generator states.
+tracker (and activation recompute, which saves and restores it) keeps CUDA generator states.
 ``install()`` redirects exactly those to the CPU.  It does nothing when CUDA is available, so the
 GPU path (nccl, fused kernels, the stock RNG tracker) is never touched.  Everything CPU-specific
 lives here so that it can be tested and removed in one place.
@@ -116,6 +116,10 @@ class CpuRNGStatesTracker:
             torch.set_rng_state(outer)
 
 
+def _no_cuda_rng_state(*_args, **_kwargs) -> None:
+    return None
+
+
 def install() -> bool:
     """Patch Megatron-Core for CPU execution. Returns True if anything was patched.
 
@@ -134,6 +138,10 @@ def install() -> bool:
     for module in (schedules, p2p_communication, rotary_pos_embedding):
         module.torch = torch_on_cpu
     tp_random.CudaRNGStatesTracker = CpuRNGStatesTracker
+    # Activation recompute saves and restores the CUDA generator beside the CPU one and the
+    # tracker's states; without CUDA the latter two are all there is.
+    tp_random._get_cuda_rng_state = _no_cuda_rng_state
+    tp_random._set_cuda_rng_state = _no_cuda_rng_state
     tp_random.initialize_rng_tracker(force_reset=True)
     _INSTALLED = True
     return True

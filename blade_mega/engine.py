@@ -79,11 +79,31 @@ def check_zero_schedule(zero_stage: int, num_microbatches: int) -> None:
         raise UserError(f"--zero-stage {zero_stage} is not supported; use 0, 1 or 2")
 
 
+def decays(name: str, param: torch.nn.Parameter) -> bool:
+    """Megatron-LM's rule: no weight decay on biases and 1-D parameters (every norm's weight);
+    a name naming a norm counts too (LayerNorm or RMSNorm, fused into a linear or not)."""
+    from blade_mega.model import is_norm
+
+    return not (name.endswith("bias") or param.dim() == 1 or is_norm(name))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """The optimizer's two groups (empty ones left out: DeepSpeed cannot flatten them)."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if decays(name, param) else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
 def initialize_engine(model: torch.nn.Module, config: dict):
     import deepspeed
 
+    weight_decay = config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+        model=model, model_parameters=param_groups(model, weight_decay),
         config=config, mpu=MegatronMPU())
     return engine
 
@@ -110,9 +130,18 @@ def make_microbatch(samples: torch.Tensor, weights: Optional[torch.Tensor] = Non
 @dataclass
 class StepLosses:
     """What the last pipeline stage saw: weighted loss sums and, if asked, per-token losses."""
-    weighted_sum: float = 0.0
-    weight: float = 0.0
+    # [weighted loss sum, weight] in float64 on the compute device, summed without a host sync
+    # per micro-batch; None on stages without a loss.
+    sums: Optional[torch.Tensor] = None
     token_losses: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def weighted_sum(self) -> float:
+        return 0.0 if self.sums is None else float(self.sums[0])
+
+    @property
+    def weight(self) -> float:
+        return 0.0 if self.sums is None else float(self.sums[1])
 
 
 def comm_device() -> torch.device:
@@ -153,8 +182,9 @@ class PipelineRunner:
                 weights = weight_fn(index, token_losses.detach(), weights)
             weights = weights.to(token_losses.dtype)
             weighted = (token_losses * weights).sum()
-            out.weighted_sum += weighted.item()
-            out.weight += weights.sum().item()
+            # float64 sums in micro-batch order: the same values .item() per micro-batch gave
+            sums = torch.stack([weighted.detach().double(), weights.sum().double()])
+            out.sums = sums if out.sums is None else out.sums + sums
             if keep_token_losses:
                 out.token_losses.append(token_losses.detach().float().cpu())
             return weighted * scale, {}
@@ -176,8 +206,8 @@ class PipelineRunner:
 
 def global_loss(losses: StepLosses) -> tuple[float, float]:
     """Sum the last stage's loss over data-parallel ranks and hand it to every pipeline stage."""
-    totals = torch.tensor([losses.weighted_sum, losses.weight], dtype=torch.float64,
-                          device=comm_device())
+    totals = (torch.zeros(2, dtype=torch.float64, device=comm_device()) if losses.sums is None
+              else losses.sums.to(comm_device(), copy=True))
     torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     totals = broadcast_from_last_stage(totals, (2,), torch.float64)
     return float(totals[0]), float(totals[1])

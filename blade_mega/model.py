@@ -1,14 +1,15 @@
 """The model: Megatron-Core ``GPTModel`` built from a layer spec, sized by named presets.
 
-On CUDA the stock local spec (or Transformer Engine's, when installed) is used untouched.
-Without CUDA the local spec's core attention is swapped for ``CpuDotProductAttention``,
-because the stock one takes its score buffer from a CUDA-only global memory pool.
+The layer spec and fused kernels follow the machine (blade_mega/device_path.py): Transformer
+Engine's spec on CUDA when it imports, else the local spec with torch SDPA core attention
+(``SdpaDotProductAttention``: flash attention on CUDA; on CPU the stock attention cannot run,
+as it takes its score buffer from a CUDA-only global memory pool).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-import zlib
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from blade_mega import device_path
 from blade_mega.cpu_compat import cuda_available
 
 
@@ -42,8 +44,9 @@ PRESETS: dict[str, ModelSize] = {
 }
 
 
-class CpuDotProductAttention(DotProductAttention):
-    """Core attention computed with ``scaled_dot_product_attention`` on any device.
+class SdpaDotProductAttention(DotProductAttention):
+    """Core attention computed with ``scaled_dot_product_attention`` on any device (flash
+    attention on CUDA).
 
     Same inputs, outputs, head partitioning and dropout RNG handling as Megatron's
     ``DotProductAttention``; only the score buffer allocation differs.
@@ -79,48 +82,119 @@ def _global_name(name: str, layer_offset: int) -> str:
     return ".".join(parts)
 
 
+CpuDotProductAttention = SdpaDotProductAttention  # the CPU path's name for it
+
+
+def _row_seed(seed: int, global_name: str, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{global_name}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+def _global_rows(name: str, param: torch.nn.Parameter, dim: int, tp_rank: int, tp_size: int,
+                 gated: bool) -> list[int]:
+    """The full tensor's indices along ``dim`` of this rank's slice, in local order."""
+    local = param.shape[dim]
+    if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
+        return list(range(local))
+    if gated and name.endswith("mlp.linear_fc1.weight"):
+        # SwiGLU's fc1 holds [gate; up] on every rank: rank r has gate[r] then up[r].
+        half = local // 2
+        full_half = half * tp_size
+        return ([tp_rank * half + k for k in range(half)]
+                + [full_half + tp_rank * half + k for k in range(half)])
+    return [tp_rank * local + k for k in range(local)]
+
+
+def mark_tensor_parallel(model: torch.nn.Module) -> None:
+    """Megatron-Core sets a TP weight's ``tensor_model_parallel``/``partition_dim`` only while it
+    initialises it; with ``perform_initialization=False`` (initialize_weights does it) they are
+    set here, as Megatron would: gradient-norm clipping and the shard layout depend on them."""
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                      VocabParallelEmbedding,
+                                                      set_tensor_model_parallel_attributes)
+
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            continue
+        weight = getattr(module, "weight", None)
+        if weight is not None and not hasattr(weight, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
+
+
+def is_norm(name: str) -> bool:
+    """A norm's parameter, by name: LayerNorm/RMSNorm modules, TE's fused ``layer_norm_*``."""
+    module = name.rsplit(".", 2)[-2] if "." in name else ""
+    return "norm" in module or "layer_norm" in name
+
+
 @torch.no_grad()
 def initialize_weights(model: GPTModel, seed: int, init_std: float, num_layers: int) -> None:
-    """Give every weight a value that depends only on (seed, its global name), never on the layout.
+    """Give every weight a value that depends only on (seed, its global name), never on the layout,
+    and draw only this rank's shard.
 
     Megatron's CPU initialisation draws from one RNG stream in construction order, so a pipeline
-    stage that starts at layer 2 would get different weights than a single-stage model.  Here each
-    full (unsharded) tensor comes from its own generator and each TP rank keeps its slice.
+    stage that starts at layer 2 would get different weights than a single-stage model; and it
+    builds every full tensor on every rank.  Here each slice along the tensor-parallel dimension
+    (a row of a column-parallel weight, a column of a row-parallel one) has its own generator,
+    seeded by (seed, global name, index in the full tensor): a TP rank draws its slices alone and
+    gets exactly what a single rank holds there.  Biases are 0, norm weights 1.
     """
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     layer_offset = model.decoder.layers[0].layer_number - 1 if len(model.decoder.layers) else 0
+    gated = bool(getattr(model.config, "gated_linear_unit", False))
     output_std = init_std / math.sqrt(2.0 * num_layers)  # GPT-2 scaled init of residual outputs
     for name, param in model.named_parameters():
-        global_name = _global_name(name, layer_offset)
         if name.endswith("bias"):
             param.zero_()
             continue
-        if "layer_norm" in name or name.startswith("decoder.final_layernorm"):
+        if is_norm(name):
             param.fill_(1.0)
             continue
-        sharded = getattr(param, "tensor_model_parallel", False) and tp_size > 1
-        dim = getattr(param, "partition_dim", 0)
-        full_shape = list(param.shape)
-        if sharded:
-            full_shape[dim] *= tp_size
-        generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{global_name}".encode()))
+        global_name = _global_name(name, layer_offset)
         std = output_std if name.endswith(("linear_proj.weight", "linear_fc2.weight")) else init_std
-        full = torch.empty(full_shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
-        shard = full.chunk(tp_size, dim=dim)[tp_rank] if sharded else full
-        param.copy_(shard)
+        dim = getattr(param, "partition_dim", 0) if param.dim() > 1 else 0
+        # Straight into the parameter when it is fp32 on the host, else through one shard buffer.
+        direct = param.dtype == torch.float32 and param.device.type == "cpu"
+        target = param if direct else torch.empty(param.shape, dtype=torch.float32)
+        row_shape = target.select(dim, 0).shape
+        for k, index in enumerate(_global_rows(name, param, dim, tp_rank, tp_size, gated)):
+            generator = torch.Generator().manual_seed(_row_seed(seed, global_name, index))
+            row = torch.empty(row_shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+            target.select(dim, k).copy_(row)
+        if not direct:
+            param.copy_(target)
 
 
 def layer_spec():
+    path = device_path.detect()
+    if path.spec == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec)
+
+        return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec()
-    if not cuda_available():
-        spec.submodules.self_attention.submodules.core_attention = CpuDotProductAttention
+    spec.submodules.self_attention.submodules.core_attention = SdpaDotProductAttention
     return spec
 
 
+def speed_options(args) -> dict:
+    """TransformerConfig fields from --recompute-* and --sequence-parallel."""
+    return {"recompute_granularity": getattr(args, "recompute_granularity", None),
+            "recompute_method": getattr(args, "recompute_method", None),
+            "recompute_num_layers": getattr(args, "recompute_num_layers", None),
+            "sequence_parallel": bool(getattr(args, "sequence_parallel", False))}
+
+
 def transformer_config(size: ModelSize, *, bf16: bool = False, dropout: float = 0.0,
-                       init_std: float = 0.02) -> TransformerConfig:
+                       init_std: float = 0.02, options: dict | None = None) -> TransformerConfig:
     return TransformerConfig(
+        **device_path.detect().config_fields(),
+        **(options or {}),
         num_layers=size.num_layers,
         hidden_size=size.hidden_size,
         num_attention_heads=size.num_attention_heads,
@@ -130,24 +204,21 @@ def transformer_config(size: ModelSize, *, bf16: bool = False, dropout: float = 
         hidden_dropout=dropout,
         attention_dropout=dropout,
         init_method_std=init_std,
-        use_cpu_initialization=True,  # same weights for any TP layout, given the seed
-        perform_initialization=True,
+        # Shards are allocated where they will live (the GPU, or the host without CUDA), and
+        # initialize_weights fills them.
+        use_cpu_initialization=not cuda_available(),
+        perform_initialization=False,  # Megatron's would build each full tensor on every rank
         bf16=bf16,
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32,
-        gradient_accumulation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
     )
 
 
 def build_gpt(size: ModelSize, vocab_size: int, *, seed: int, bf16: bool = False,
-              init_std: float = 0.02) -> GPTModel:
-    """This rank's pipeline stage of a GPT. Embeddings are untied so PP needs no shared-grad reduce."""
-    config = transformer_config(size, bf16=bf16, init_std=init_std)
+              init_std: float = 0.02, options: dict | None = None) -> GPTModel:
+    """This rank's pipeline stage of a GPT. Embeddings are untied so PP needs no shared-grad reduce.
+    ``options``: more TransformerConfig fields (``speed_options``)."""
+    config = transformer_config(size, bf16=bf16, init_std=init_std, options=options)
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(),
@@ -159,6 +230,7 @@ def build_gpt(size: ModelSize, vocab_size: int, *, seed: int, bf16: bool = False
         share_embeddings_and_output_weights=False,
         position_embedding_type="rope",
     )
+    mark_tensor_parallel(model)
     initialize_weights(model, seed, init_std, size.num_layers)
     device = torch.cuda.current_device() if cuda_available() else "cpu"
     return model.to(device)

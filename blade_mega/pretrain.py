@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 import warnings
 import zlib
@@ -28,11 +29,15 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from blade_mega import checkpoint, cpu_compat
-from blade_mega.config import check_layout, model_size, parse_args
-from blade_mega.cpu_compat import cuda_available
-from blade_mega.errors import UserError, run_cli
-from blade_mega.metrics import MetricsLog, peak_rss_bytes, process_age_s, progress
+from blade_mega import quiet  # first: its filters must be in place before megatron.core imports
+
+quiet.install()
+
+from blade_mega import checkpoint, cpu_compat  # noqa: E402
+from blade_mega.config import check_layout, model_size, parse_args  # noqa: E402
+from blade_mega.cpu_compat import cuda_available  # noqa: E402
+from blade_mega.errors import UserError, run_cli  # noqa: E402
+from blade_mega.metrics import MetricsLog, peak_rss_bytes, process_age_s, progress  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -55,18 +60,22 @@ def vocab_size(args: argparse.Namespace) -> int:
 
 
 def dry_run(args: argparse.Namespace) -> None:
-    from blade_mega.parallel import Layout, discover_process
+    """The resolved config, layout and memory plan; no process group, no data read. The world
+    is ``--world-size`` (plan a cluster run from a laptop) or the launcher's."""
+    from blade_mega import device_path, ds_config, plan
+    from blade_mega.parallel import discover_process
 
     proc = discover_process()
-    layout = Layout.from_world(proc.world_size, args.tensor_model_parallel_size,
-                               args.pipeline_model_parallel_size)
-    microbatches = check_layout(args, layout.dp)
+    world_size = args.world_size or proc.world_size
+    figures = plan.plan(args, world_size, vocab_size(args))
+    ds_config.for_run(args, figures["layout"]["dp"])
     if proc.rank == 0:
+        for line in [f"device path here: {device_path.detect().describe(args.bf16)}",
+                     *plan.describe(figures)]:
+            print(line)
         resolved = {k: v for k, v in vars(args).items() if k != "split_weights"}
         print(json.dumps({"config": resolved, "model": model_size(args).__dict__,
-                          "launcher": proc.launcher, "world_size": proc.world_size,
-                          "layout": layout.__dict__, "microbatches_per_step": microbatches},
-                         indent=1, default=str))
+                          "launcher": proc.launcher, **figures}, default=str))
 
 
 def pretrain(args: argparse.Namespace) -> int:
@@ -126,6 +135,7 @@ class Trainer:
     def _build(self, args: argparse.Namespace, layout) -> None:
         from megatron.core import parallel_state, tensor_parallel
 
+        from blade_mega import device_path, ds_config, plan
         from blade_mega.data.block_sampler import CandidateBlockSampler
         from blade_mega.data.prefetch import Prefetcher
         from blade_mega.data.streams import build_streams
@@ -138,6 +148,9 @@ class Trainer:
         self.layout = layout
         self.num_microbatches = check_layout(args, layout.dp)
         check_zero_schedule(args.zero_stage, self.num_microbatches)
+        ds_config.for_run(args, layout.dp)  # a --deepspeed-config at odds with the flags fails here
+        device_path.detect().check(args)
+        plan.check_model_layout(model_size(args), layout.tp, layout.pp, args)
         self.rank = torch.distributed.get_rank()
         tok = tokenizer(args)
         self.vocab = tok.vocab_size
@@ -175,21 +188,15 @@ class Trainer:
         self.saved_iteration = -1  # the iteration whose checkpoint is already in --save
 
     def build_engine(self, size, offload: bool):
-        from blade_mega.engine import ModelEngine, deepspeed_config, initialize_engine
-        from blade_mega.model import build_gpt, padded_vocab_size
+        from blade_mega import ds_config
+        from blade_mega.engine import ModelEngine, initialize_engine
+        from blade_mega.model import build_gpt, padded_vocab_size, speed_options
 
         args = self.args
         vocab = padded_vocab_size(self.vocab, self.layout.tp, args.make_vocab_size_divisible_by)
         model = build_gpt(size, vocab, seed=args.seed, bf16=args.bf16,
-                          init_std=args.init_method_std)
-        if args.deepspeed_config:
-            config = load_deepspeed_config(args.deepspeed_config)
-        else:
-            config = deepspeed_config(
-                micro_batch_size=args.micro_batch_size, dp=self.layout.dp, lr=args.lr,
-                zero_stage=args.zero_stage, weight_decay=args.weight_decay,
-                clip_grad=args.clip_grad, bf16=args.bf16, offload_optimizer=offload)
-        engine = initialize_engine(model, config)
+                          init_std=args.init_method_std, options=speed_options(args))
+        engine = initialize_engine(model, ds_config.for_run(args, self.layout.dp, offload))
         self.engines.append(engine)
         return ModelEngine(engine, args.seq_length, args.micro_batch_size)
 
@@ -197,8 +204,13 @@ class Trainer:
     def train(self) -> int:
         from blade_mega.engine import learning_rate
 
+        from blade_mega import device_path
+
         args = self.args
-        self.log.write({"kind": "start", "iteration": 0,
+        path = device_path.detect().describe(args.bf16)
+        if self.rank == 0:
+            print(f"blade-pretrain: {path}", file=sys.stderr, flush=True)
+        self.log.write({"kind": "start", "iteration": 0, "device_path": path,
                         "world_size": torch.distributed.get_world_size(),
                         "tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
                         "selection": args.selection, "microbatches_per_step": self.num_microbatches})
@@ -232,6 +244,9 @@ class Trainer:
             self.bad_steps = 0
             after = time.perf_counter()
             stats = self.hook.after_step(step, batch, lr)
+            for model, count in stats.pop("dropped_steps", {}).items():  # reference, proxy
+                self.log.write({"kind": "bad_step", "model": model, "iteration": step,
+                                "count": count})
             hook_time += time.perf_counter() - after
             self.iteration += 1
             self.consumed += block.consumed
@@ -289,6 +304,8 @@ class Trainer:
         if startup:
             record["startup_s"] = startup[0]
         record.update(merge_stats([w["stats"] for w in window]))
+        if cuda_available():
+            record["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
         self.log.write(record)
 
     def evaluate(self) -> None:
@@ -352,16 +369,6 @@ def merge_stats(stats: list[dict]) -> dict:
         elif all(isinstance(v, dict) for v in values):
             merged[key] = merge_stats(values)
     return merged
-
-
-def load_deepspeed_config(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except OSError as err:
-        raise UserError(f"{path}: cannot read DeepSpeed config ({err.strerror})")
-    except ValueError as err:
-        raise UserError(f"{path}: invalid JSON ({err}); fix the DeepSpeed config")
 
 
 if __name__ == "__main__":

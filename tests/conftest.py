@@ -113,3 +113,17 @@ def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> N
     assert "Traceback" not in result.stderr
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` need an NVIDIA GPU: skipped here with the reason (bench/gpu_check.sh
+    runs them on a GPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (no GPU on this machine); run bench/gpu_check.sh "
+                                   "on a GPU machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

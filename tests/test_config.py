@@ -125,7 +125,7 @@ def test_dry_run_prints_the_resolved_config_and_layout_without_training(
                              "--micro-batch-size", "2", "--seq-length", "64",
                              "--log-file", str(log), "--save", str(tmp_path / "ckpt")], capsys)
     assert code == 0
-    resolved = json.loads(out)
+    resolved = json.loads(out.splitlines()[-1])  # people's lines first, one JSON object last
     assert resolved["layout"] == {"tp": 2, "pp": 2, "dp": 2}
     assert (resolved["launcher"], resolved["world_size"]) == ("torchrun/deepspeed", 8)
     assert resolved["microbatches_per_step"] == 4  # 16 / (2 x dp 2)

@@ -72,6 +72,7 @@ class ExcessLossSelector(SelectionHook):
         self.warmup = args.selection_warmup_steps
         self._last_batch = None  # (samples, weights, normaliser) of the latest step, for w
         self._lr = args.lr  # the learner's latest learning rate; the reference trains at it
+        self._ref_bad_seen = 0  # reference.bad_steps already reported
         self.block = None if self.token_level else self.candidate_block()
 
     # -- call points ---------------------------------------------------------------------------
@@ -94,14 +95,21 @@ class ExcessLossSelector(SelectionHook):
         if step >= self.warmup and self.token_level:
             self._finish_token_step(batch)  # sets batch.weights to this step's masks (alpha)
         self._last_batch = (batch.samples, batch.weights, batch.normaliser)
+        dropped = {}  # non-finite steps of the other models, dropped: the trainer logs them
         if self.proxy is not None:  # u' follows u: same batch, same alpha
-            self.proxy.train_step(self.microbatches(batch), batch.normaliser, lr)
+            if not self.proxy.train_step(self.microbatches(batch), batch.normaliser, lr)[1]:
+                dropped["proxy"] = 1
+        if self.reference is not None and self.reference.bad_steps > self._ref_bad_seen:
+            dropped["reference"] = self.reference.bad_steps - self._ref_bad_seen
+            self._ref_bad_seen = self.reference.bad_steps
         if step < self.warmup:
-            return {"selecting": 0.0}
-        stats = dict(batch.stats, selecting=1.0, hook_comm_bytes=float(self.comm_bytes))
+            return {"selecting": 0.0, "dropped_steps": dropped}
+        stats = dict(batch.stats, selecting=1.0, hook_comm_bytes=float(self.comm_bytes),
+                     dropped_steps=dropped)
         if self.reference is not None:
             stats["ref_divergence"] = self.reference.last_divergence
             stats["ref_syncs"] = float(self.reference.syncs)
+            stats["ref_bad_steps"] = float(self.reference.bad_steps)
             # 1 on the step that synced: its window mean x selecting steps counts the syncs.
             stats["ref_synced"] = float(self.reference.last_sync_step == step)
         self.comm_bytes = 0
@@ -220,6 +228,7 @@ class ExcessLossSelector(SelectionHook):
         self._lr = state["lr"]
         if self.reference is not None:
             self.reference.load_state_dict(state["reference"])
+            self._ref_bad_seen = self.reference.bad_steps
 
     def save_engines(self, directory: str) -> None:
         if self.reference is not None:

@@ -36,6 +36,7 @@ class Reference:
         self.target_consumed = 0   # reading position in V
         self.syncs = 0
         self.steps_trained = 0
+        self.bad_steps = 0  # non-finite reference steps, dropped
         self.last_divergence = float("nan")
         self.copy_on_sync = True  # False when the weights were loaded (--rho-ref-load)
         self.last_sync_step = -1  # a step retried after a non-finite loss does not sync twice
@@ -70,8 +71,11 @@ class Reference:
             # Scale so that the step minimises L_V + lam * L_train with one shared normaliser.
             scaled = weights * (self.lam * target_tokens / normaliser)
             micro += split_microbatches(samples, ctx.args.micro_batch_size, scaled)
-        self.model.train_step(micro, target_tokens, lr)
-        self.steps_trained += 1
+        _, finite = self.model.train_step(micro, target_tokens, lr)
+        if finite:
+            self.steps_trained += 1
+        else:  # dropped (the engine changed nothing); counted, and logged by the trainer
+            self.bad_steps += 1
 
     @torch.no_grad()
     def divergence(self, learner: ModelEngine) -> float:
@@ -88,13 +92,15 @@ class Reference:
 
     def state_dict(self) -> dict:
         return {"target_consumed": self.target_consumed, "syncs": self.syncs,
-                "steps_trained": self.steps_trained, "last_sync_step": self.last_sync_step,
+                "steps_trained": self.steps_trained, "bad_steps": self.bad_steps,
+                "last_sync_step": self.last_sync_step,
                 "last_divergence": self.last_divergence}
 
     def load_state_dict(self, state: dict) -> None:
         self.target_consumed = state["target_consumed"]
         self.syncs = state["syncs"]
         self.steps_trained = state["steps_trained"]
+        self.bad_steps = state.get("bad_steps", 0)
         self.last_sync_step = state["last_sync_step"]
         self.last_divergence = state["last_divergence"]
 
