@@ -90,6 +90,38 @@ def run(prefix: str, cache: str, save: str, mix: float, steps: int, target: str)
             "sidecar_bytes": sum(v for k, v in files.items() if "blade_sidecar" in k)}
 
 
+def data_path_step(prefix: str, cache: str, target: str, steps: int = 200) -> dict:
+    """The online data path alone, in this process (no model): per step, the candidate block
+    (a reweighted half), reading it, main documents and the sidecar update. Min and median
+    seconds per step: the min is what the code costs on an undisturbed core."""
+    import numpy as np
+
+    from blade_mega.config import parse_args
+    from blade_mega.data.block_sampler import CandidateBlockSampler
+    from blade_mega.data.sidecar import Sidecar
+    from blade_mega.data.streams import VocabOnly, build_streams
+
+    args = parse_args(["--vocab-size", str(VOCAB), "--data-path", prefix, "--target-data-path",
+                       target, "--data-cache-path", cache, "--selection", "blade",
+                       "--reweight-mix", "0.5", "--train-iters", "25", "--seq-length", "128",
+                       "--micro-batch-size", "4", "--global-batch-size", "16"])
+    train = build_streams(args, VocabOnly(VOCAB), VOCAB).train
+    sidecars = [Sidecar(train.num_documents(0))]
+    sampler = CandidateBlockSampler(train, 1234, 0.5, sidecars)
+    rng = np.random.default_rng(0)
+    times = []
+    for step in range(steps):
+        started = time.perf_counter()
+        block = sampler.block(step, step * 16, 32)
+        train.read(block.ids)
+        [(_, where, documents)] = train.main_documents(block.ids)
+        kept = np.zeros(len(block.ids))
+        kept[rng.permutation(len(block.ids))[:16]] = 1.0
+        sidecars[0].update(documents, kept[where], rng.normal(size=len(block.ids)))
+        times.append(time.perf_counter() - started)
+    return {"min_s": min(times), "median_s": statistics.median(times[10:])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--documents", type=int, nargs="+", default=[10**5, 10**6, 10**7])
@@ -126,6 +158,7 @@ def main() -> None:
                    checkpoint_bytes_total=cached["checkpoint_bytes_total"],
                    checkpoint_bytes_per_rank_files=cached["checkpoint_bytes_per_rank_files"],
                    sidecar_bytes=cached["sidecar_bytes"])
+        row["data_path_step"] = data_path_step(prefix, cache, target)
         results[documents] = row
         print(json.dumps({"documents": documents, **row}), flush=True)
     small, large = min(results), max(results)
@@ -135,6 +168,7 @@ def main() -> None:
         "median_step_mix0": b["median_step_s_mix0"] / a["median_step_s_mix0"],
         "peak_rss_mix05": max(b["peak_rss_bytes_mix05"]) / max(a["peak_rss_bytes_mix05"]),
         "cached_first_step": b["cached_first_step_s"] / a["cached_first_step_s"],
+        "data_path_step_min": b["data_path_step"]["min_s"] / a["data_path_step"]["min_s"],
         "checkpoint_bytes_per_added_document":
             (b["checkpoint_bytes_total"] - a["checkpoint_bytes_total"]) / max(large - small, 1),
     }
