@@ -194,11 +194,11 @@ def _training_rank(argv, full, split, uniform):
             row["documents"] = np.empty_like(documents)
             row["documents"][where] = documents
         out["steps"] = steps
-        out["table"] = trainer.hook.ctx.sidecars[0].dense_table()
+        out["table"] = trainer.hook.ctx.record.sidecars[0].dense_table()
         _trainer(argv + ["--save", split, "--exit-interval", "2"]).train()
         resumed = _trainer(argv + ["--load", split, "--save", split])
         resumed.load()
-        out["restored"] = resumed.hook.ctx.sidecars[0].dense_table()
+        out["restored"] = resumed.hook.ctx.record.sidecars[0].dense_table()
         out["restored_target_consumed"] = resumed.hook.target_consumed
         resumed.train()  # loads the same checkpoint again, then runs steps 2 and 3
         _trainer(argv + ["--selection", "uniform", "--train-iters", "1", "--save", uniform]).train()
