@@ -127,7 +127,9 @@ def build_domain_shift_data(directory: str, size_mb: float, vocab: int, noise_ra
             "test": take(gui, MIN_HELD_OUT_BYTES, "target"),
             "select": take(gui, MIN_HELD_OUT_BYTES // 2, "target"),
             "base": take(top, pool_bytes // 2, "clean")}
-    on_target = take(gui, clean_bytes // 5, "target")  # the rest of the GUI code, at most 1/5
+    # The rest of the GUI code, up to 40% of the clean bytes (all of it at the default 2 MB:
+    # about a quarter of the pool's bytes, a sixth of its tokens: base64 blobs are token-dense).
+    on_target = take(gui, int(0.4 * clean_bytes), "target")
     off = take(other + top, clean_bytes - sum(len(d.text) for d in on_target), "off-domain")
     clean = on_target + off
     maker = NoiseMaker(clean, rng)
@@ -260,7 +262,9 @@ def main() -> None:
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=8)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--size-mb", type=float, default=4.0)
+    p.add_argument("--size-mb", type=float, default=None,
+                   help="pool size (default 4 MB; domain-shift: 2 MB, which holds all the "
+                        "target-domain code that the held-out splits leave)")
     p.add_argument("--vocab", type=int, default=2000)
     p.add_argument("--workdir", default=os.path.join(HERE, ".cache", "selection_quality"))
     p.add_argument("--regime", choices=("scratch", "continued", "domain-shift"),
@@ -285,9 +289,12 @@ def main() -> None:
             p.error(f'--variant {variant}: expected NAME="--selection METHOD ..."')
         args.variants[name] = flags.split()
     if args.regime == "domain-shift":
-        paths = build_domain_shift_data(os.path.join(args.workdir, "data_domain_shift"),
-                                        args.size_mb, args.vocab)
+        args.size_mb = args.size_mb or 2.0
+        paths = build_domain_shift_data(
+            os.path.join(args.workdir, f"data_domain_shift_{args.size_mb:g}mb"), args.size_mb,
+            args.vocab)
     else:
+        args.size_mb = args.size_mb or 4.0
         paths = build_data(os.path.join(args.workdir, "data"), args.size_mb, args.vocab)
     methods = args.methods.split(",") + list(args.variants)
     results: dict = {m: {} for m in methods}
