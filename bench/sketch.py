@@ -72,9 +72,10 @@ def _bench_rank(argv: list[str], repeats: int) -> dict:
             train_s.append(time.perf_counter() - started)
         comm = {}
         for beta in (0.0, 0.1):
-            hook.beta, hook.comm_bytes = beta, 0
+            hook.beta = beta
+            hook.groups.take_sent_bytes()
             hook.block_scores(ids)
-            comm[beta] = hook.comm_bytes / block
+            comm[beta] = hook.groups.take_sent_bytes() / block
         params = sum(p.numel() for p in learner.module.parameters())
         return {"block": block, "local_samples": local.size(0),
                 "sketch_s": float(np.median(sketch_s)), "train_s": float(np.median(train_s)),

@@ -6,7 +6,9 @@ Precedence: built-in defaults < ``--config run.yaml`` < flags on the command lin
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from blade_mega.errors import UserError
@@ -130,6 +132,19 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--blade-ref-steps", type=int, default=4, help="K: reference steps per sync")
     g.add_argument("--blade-lambda", type=float, default=0.5,
                    help="weight of the selected training loss in the reference objective")
+    g.add_argument("--blade-first-ref-steps", type=int, default=None,
+                   help="K0: reference steps of the first sync, the warm start (default: K)")
+    g.add_argument("--blade-sync-beta", type=float, default=1.0,
+                   help="partial sync after the first: w <- (1 - beta) w + beta u (1: BLADE's "
+                        "full re-sync; 0: never re-synced, w keeps training on its objective)")
+    g.add_argument("--reference-optimizer-state", default="keep",
+                   choices=("keep", "reset", "copy"),
+                   help="the reference's Adam state at a sync: keep its own, reset it, or copy "
+                        "the learner's (moments, step count and fp32 masters, per ZeRO partition)")
+    g.add_argument("--reference-lr", type=float, default=None,
+                   help="the reference's learning rate (default: the learner's schedule at the "
+                        "current step; rho's budget and the first sync: their own warm-up and "
+                        "cosine decay to --min-lr, peaking at this or --lr)")
     g.add_argument("--reference-model", default="same",
                    help="'same' (learner's architecture) or a preset name for a proxy pair")
     g.add_argument("--reference-offload", action="store_true",
@@ -149,7 +164,8 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
                         "for the output layer); projection cost grows as k^2")
     g.add_argument("--selection-diversity", type=float, default=0.0,
                    help="beta: greedy top-k that subtracts beta * <S g_i, S g_j> against samples "
-                        "already chosen (sketch-influence)")
+                        "already chosen (sketch-influence, and blade/rho at sample level: "
+                        "sketches of the scorer's per-sample gradients)")
     return p
 
 
@@ -248,6 +264,7 @@ def validate(args: argparse.Namespace) -> None:
                         f"{', '.join(sorted(PRESETS))}")
     if args.reference_model != "same" and args.selection != "blade":
         raise UserError("--reference-model PRESET (a proxy pair) applies to --selection blade")
+    selection_config(args)  # the selection flags' own checks
     if args.tokenizer_model is None and args.vocab_size is None:
         raise UserError("give --tokenizer-model (a SentencePiece .model) or --vocab-size")
     if args.tokenizer_model and not os.path.isfile(args.tokenizer_model):
@@ -300,3 +317,107 @@ def check_layout(args: argparse.Namespace, dp: int) -> int:
                         f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}; "
                         f"use a multiple of {per_step}")
     return args.global_batch_size // per_step
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    """Everything a selection hook reads of the flags, resolved once (``selection_config``)."""
+    method: str
+    granularity: str               # "sample" | "token"
+    keep_ratio: float              # gamma
+    warmup_steps: int              # uniform steps before selection (and the first sync)
+    global_batch: int
+    micro_batch: int
+    seq_length: int
+    train_iters: int
+    seed: int
+    zero_stage: int
+    # The learner's schedule, which the reference follows by default.
+    lr: float
+    min_lr: float
+    lr_warmup_iters: int
+    # The reference rule (rho and blade).
+    sync_interval: float           # T (inf: one sync, rho)
+    ref_steps: int                 # K per later sync
+    first_ref_steps: int           # K0 at the first sync (rho: its whole budget)
+    lam: float                     # lambda of L_V + lambda L_train(alpha)
+    sync_beta: float               # w <- (1 - beta) w + beta u at later syncs
+    optimizer_state: str           # keep | reset | copy, at syncs that move w toward u
+    reference_lr: Optional[float]  # None: the learner's schedule (own schedule for K0)
+    proxy: Optional[str]           # preset of a proxy pair, or None
+    reference_offload: bool
+    rho_ref_load: Optional[str]
+    # Sketches (sketch-influence, and the diversity term of any sample-level selector).
+    sketch_dim: int
+    diversity: float
+
+    @property
+    def token_level(self) -> bool:
+        return self.granularity == "token"
+
+    def syncs(self) -> int:
+        """Syncs over the run (blade's rule)."""
+        return math.ceil(max(0, self.train_iters - self.warmup_steps) / self.sync_interval)
+
+
+def blade_reference_passes(ref_steps: int, first_ref_steps: int, lam: float, syncs: int,
+                           warmup_steps: int) -> int:
+    """blade's reference training over a run in training passes over B samples: each step
+    trains on a V batch, and with lambda > 0 on a replayed batch of the learner's too (the
+    first sync replays the warm-up's batches, none without warm-up)."""
+    if syncs <= 0:
+        return 0
+    first = first_ref_steps * (2 if lam > 0 and warmup_steps > 0 else 1)
+    return first + (syncs - 1) * ref_steps * (2 if lam > 0 else 1)
+
+
+def selection_config(args: argparse.Namespace) -> SelectionConfig:
+    """The selection flags, checked and resolved; rho's default budget is blade's reference
+    training in model passes (rho trains on V only: one pass per step)."""
+    for flag, value in (("--blade-ref-steps", args.blade_ref_steps),
+                        ("--blade-first-ref-steps", args.blade_first_ref_steps),
+                        ("--rho-ref-steps", args.rho_ref_steps)):
+        if value is not None and value < 0:
+            raise UserError(f"{flag} {value} must be >= 0")
+    if args.blade_sync_interval < 1:
+        raise UserError(f"--blade-sync-interval {args.blade_sync_interval} must be >= 1")
+    if not 0.0 <= args.blade_sync_beta <= 1.0:
+        raise UserError(f"--blade-sync-beta {args.blade_sync_beta} must be in [0, 1]")
+    if args.blade_lambda < 0:
+        raise UserError(f"--blade-lambda {args.blade_lambda} must be >= 0")
+    if args.reference_lr is not None and args.reference_lr <= 0:
+        raise UserError(f"--reference-lr {args.reference_lr} must be positive")
+    if args.selection_diversity < 0:
+        raise UserError(f"--selection-diversity {args.selection_diversity} must be >= 0")
+    if args.selection_diversity > 0 and args.selection in ("rho", "blade", "highloss") and \
+            args.selection_granularity != "sample":
+        raise UserError("--selection-diversity chooses whole samples; use "
+                        "--selection-granularity sample")
+    keep_ratio = args.keep_ratio if args.keep_ratio is not None else (
+        0.6 if args.selection_granularity == "token" else 0.5)
+    k = args.blade_ref_steps
+    k0 = k if args.blade_first_ref_steps is None else args.blade_first_ref_steps
+    common = dict(
+        method=args.selection, granularity=args.selection_granularity, keep_ratio=keep_ratio,
+        warmup_steps=args.selection_warmup_steps, global_batch=args.global_batch_size,
+        micro_batch=args.micro_batch_size, seq_length=args.seq_length,
+        train_iters=args.train_iters, seed=args.seed, zero_stage=args.zero_stage, lr=args.lr,
+        min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
+        optimizer_state=args.reference_optimizer_state, reference_lr=args.reference_lr,
+        reference_offload=args.reference_offload, rho_ref_load=args.rho_ref_load,
+        sketch_dim=args.sketch_dim, diversity=args.selection_diversity)
+    if args.selection == "rho":
+        budget = args.rho_ref_steps
+        if budget is None:
+            syncs = math.ceil(max(0, args.train_iters - args.selection_warmup_steps)
+                              / args.blade_sync_interval)
+            budget = blade_reference_passes(k, k0, args.blade_lambda, syncs,
+                                            args.selection_warmup_steps)
+        if args.rho_ref_load:
+            budget = 0
+        return SelectionConfig(**common, sync_interval=math.inf, ref_steps=0,
+                               first_ref_steps=budget, lam=0.0, sync_beta=0.0, proxy=None)
+    proxy = None if args.reference_model == "same" else args.reference_model
+    return SelectionConfig(**common, sync_interval=args.blade_sync_interval, ref_steps=k,
+                           first_ref_steps=k0, lam=args.blade_lambda,
+                           sync_beta=args.blade_sync_beta, proxy=proxy)

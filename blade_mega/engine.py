@@ -304,3 +304,40 @@ class ModelEngine:
         elif hasattr(self.engine.optimizer, "refresh_fp32_params"):
             # Other wrappers (ZeRO-0 with bf16): masters re-read from the copied module weights.
             self.engine.optimizer.refresh_fp32_params()
+
+    @torch.no_grad()
+    def blend_weights_from(self, other: "ModelEngine", beta: float) -> None:
+        """``self <- (1 - beta) self + beta other``, on the module weights and on DeepSpeed's
+        fp32 master partitions alike (the same element-wise rule on both)."""
+        for mine, theirs in zip(self.module.parameters(), other.module.parameters()):
+            mine.lerp_(theirs, beta)
+        mine_fp32 = getattr(self.engine.optimizer, "single_partition_of_fp32_groups", None)
+        theirs_fp32 = getattr(other.engine.optimizer, "single_partition_of_fp32_groups", None)
+        if mine_fp32 is not None and theirs_fp32 is not None:
+            for mine, theirs in zip(mine_fp32, theirs_fp32):
+                mine.data.lerp_(theirs.data, beta)
+        elif hasattr(self.engine.optimizer, "refresh_fp32_params"):
+            self.engine.optimizer.refresh_fp32_params()
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer under DeepSpeed's wrapper (ZeRO-1/2: over the fp32 partitions)."""
+        optimizer = self.engine.optimizer
+        return getattr(optimizer, "optimizer", optimizer)
+
+    def reset_optimizer_state(self) -> None:
+        """Adam as if never stepped: torch's Adam re-creates step 0 and zero moments lazily."""
+        self._base_optimizer().state.clear()
+
+    @torch.no_grad()
+    def copy_optimizer_state_from(self, other: "ModelEngine") -> None:
+        """``self``'s Adam state <- ``other``'s (moments and step count), partition by partition:
+        with the same model and layout, the two optimizers' parameter groups match one to one."""
+        mine, theirs = self._base_optimizer(), other._base_optimizer()
+        for group, their_group in zip(mine.param_groups, theirs.param_groups):
+            for param, their_param in zip(group["params"], their_group["params"]):
+                state = theirs.state.get(their_param)
+                if not state:
+                    mine.state.pop(param, None)
+                    continue
+                mine.state[param] = {key: value.clone() if torch.is_tensor(value) else value
+                                     for key, value in state.items()}

@@ -37,6 +37,7 @@ from blade_mega import checkpoint, cpu_compat  # noqa: E402
 from blade_mega.config import check_layout, model_size, parse_args  # noqa: E402
 from blade_mega.cpu_compat import cuda_available  # noqa: E402
 from blade_mega.errors import UserError, run_cli  # noqa: E402
+from blade_mega.flops import TRAIN, FlopCounter  # noqa: E402
 from blade_mega.metrics import MetricsLog, peak_rss_bytes, process_age_s, progress  # noqa: E402
 
 
@@ -140,9 +141,11 @@ class Trainer:
         from blade_mega.data.prefetch import Prefetcher
         from blade_mega.data.streams import build_streams
         from blade_mega.engine import check_zero_schedule
+        from blade_mega.config import selection_config
+        from blade_mega.model import padded_vocab_size
         from blade_mega.selection import make_hook
         from blade_mega.selection.base import ProcessGroups, SelectionContext
-        from blade_mega.selection.context import load_noise_labels, sidecars_for
+        from blade_mega.selection.record import SelectionRecord, load_noise_labels
 
         self.args = args
         self.layout = layout
@@ -169,16 +172,21 @@ class Trainer:
             dp_size=parallel_state.get_data_parallel_world_size(),
             pp=parallel_state.get_pipeline_model_parallel_group(),
             mp=parallel_state.get_model_parallel_group(),
-            is_last_stage=parallel_state.is_pipeline_last_stage())
-        sidecars = sidecars_for(self.train_data)
-        labels, names = load_noise_labels(args.noise_labels, self.train_data)
-        ctx = SelectionContext(args=args, learner=self.learner, train=self.train_data,
-                               target=self.target_data, groups=self.groups,
-                               build_engine=self.build_engine, learner_size=self.size,
-                               sidecars=sidecars, noise_labels=labels, noise_names=names)
+            is_last_stage=parallel_state.is_pipeline_last_stage(),
+            pp_size=parallel_state.get_pipeline_model_parallel_world_size())
+        record = SelectionRecord(self.train_data,
+                                 *load_noise_labels(args.noise_labels, self.train_data))
+        # Analytic FLOPs by role (blade_mega/flops.py), over the padded vocab the model computes.
+        self.flops = FlopCounter(padded_vocab_size(self.vocab, layout.tp,
+                                                   args.make_vocab_size_divisible_by),
+                                 args.seq_length)
+        ctx = SelectionContext(config=selection_config(args), learner=self.learner,
+                               train=self.train_data, target=self.target_data,
+                               groups=self.groups, build_engine=self.build_engine,
+                               learner_size=self.size, record=record, flops=self.flops)
         self.hook = make_hook(args.selection, ctx)
         self.sampler = CandidateBlockSampler(self.train_data, args.seed, args.reweight_mix,
-                                             sidecars if self.hook.keeps_sidecar else None)
+                                             record.sidecars if self.hook.keeps_sidecar else None)
         self.log = MetricsLog(args.log_file or (os.path.join(args.save, "log.jsonl")
                                                 if args.save else None),
                               args.tensorboard_dir, enabled=self.rank == 0)
@@ -238,6 +246,7 @@ class Trainer:
                                warmup_steps=args.lr_warmup_iters, total_steps=args.train_iters)
             losses, finite = self.learner.train_step(
                 self.hook.microbatches(batch), batch.normaliser, lr, batch.weight_fn)
+            self.flops.add("learner", self.size, args.global_batch_size, TRAIN)  # spent either way
             if not finite:
                 self.on_bad_step(step, block.consumed)
                 continue
@@ -306,14 +315,14 @@ class Trainer:
         record.update(merge_stats([w["stats"] for w in window]))
         if cuda_available():
             record["gpu_memory_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        record.update(self.flops.record())  # cumulative, by role
         self.log.write(record)
 
     def evaluate(self) -> None:
-        from blade_mega.selection.context import eval_loss
-
         args = self.args
         count = args.eval_iters * args.global_batch_size
-        record = {"kind": "eval", "iteration": self.iteration}
+        record = {"kind": "eval", "iteration": self.iteration,
+                  "flops": self.flops.record()["flops"]["total"]}
         if self.valid_data is not None:
             record["valid_loss"] = eval_loss(self.learner, self.valid_data, count, self.groups)
         if self.target_data is not None:
@@ -328,6 +337,7 @@ class Trainer:
     def run_state(self) -> dict:
         return {"iteration": self.iteration, "consumed": self.consumed,
                 "bad_steps": self.bad_steps, "hook": self.hook.state_dict(),
+                "flops": self.flops.state_dict(),
                 "args": vars(self.args), "cpu_threads": torch.get_num_threads()}
 
     def save(self) -> None:
@@ -346,6 +356,7 @@ class Trainer:
         self.consumed = state["consumed"]
         self.bad_steps = state.get("bad_steps", 0)
         self.hook.load_state_dict(state["hook"])
+        self.flops.load_state_dict(state.get("flops", {}))
         threads = state.get("cpu_threads")
         if (threads is not None and threads != torch.get_num_threads() and not cuda_available()
                 and torch.distributed.get_rank() == 0):
@@ -357,6 +368,21 @@ class Trainer:
         if self.args.save and os.path.realpath(self.args.save) == os.path.realpath(self.args.load):
             self.saved_iteration = self.iteration
         self.log.write({"kind": "resume", "iteration": self.iteration, "path": self.args.load})
+
+
+def eval_loss(learner, windows, count: int, groups) -> float:
+    """Mean token loss over a fixed set of ``count`` samples (the same at every evaluation)."""
+    from blade_mega.engine import comm_device
+
+    per_rank_unit = groups.dp_size * learner.micro_batch_size
+    count = max(per_rank_unit, (count // per_rank_unit) * per_rank_unit)
+    ids = windows.ordered_ids(0, count)
+    samples = windows.read(groups.share(ids))
+    means = learner.sample_losses(samples).double()  # equal-length samples: mean of means
+    totals = torch.tensor([means.sum().item(), float(means.numel())], dtype=torch.float64,
+                          device=comm_device())
+    torch.distributed.all_reduce(totals, group=groups.dp)
+    return float(totals[0] / totals[1])
 
 
 def merge_stats(stats: list[dict]) -> dict:

@@ -347,6 +347,53 @@ def _metric_plot(slug: str, title: str, ylabel: str, runs: list[RunLog],
     return Plot(slug, title, _png(fig))
 
 
+def _compute_plot(runs: list[RunLog]) -> Plot:
+    """Test loss against the cumulative analytic FLOPs of every role (blade_mega/flops.py):
+    the per-GPU-hour view, where selection pays for its scoring and reference training."""
+    title = "Test loss vs compute (analytic FLOPs, all roles)"
+    drawn = []
+    for i, run in enumerate(runs):
+        points = [(number(r.get("flops")), number(r.get("test_loss"))) for r in run.evals]
+        points = [(x, y) for x, y in points if x is not None and y is not None]
+        if points:
+            drawn.append((i, run, points))
+    if not drawn:
+        return Plot("test_loss_vs_compute", title, None, "no eval record has flops and "
+                    "test_loss; pass --test-data-path and --eval-interval > 0")
+    fig, (ax,) = _figure(title, "loss")
+    ax.set_xlabel("FLOPs")
+    from matplotlib.ticker import AutoLocator
+
+    ax.xaxis.set_major_locator(AutoLocator())
+    for i, run, points in drawn:
+        x, y = zip(*points)
+        ax.plot(x, y, color=_colour(i), label=run.name, marker="." if len(x) < 30 else None)
+    ax.legend(fontsize="small")
+    return Plot("test_loss_vs_compute", title, _png(fig))
+
+
+def _score_distribution_plot(runs: list[RunLog]) -> Plot:
+    """The candidates' excess-loss distribution over time (window means of per-step p10..p90):
+    a static reference that goes stale shows it collapsing toward 0."""
+    title = "Excess-loss distribution of the candidates (p10-p90, p25-p75, median)"
+    drawn = [run for run in runs if nested_series(run.train, "excess_quantiles")]
+    if not drawn:
+        return Plot("excess_distribution", title, None, "no run logged excess_quantiles; only "
+                    "excess-loss methods (highloss, rho, blade) do")
+    fig, axes = _figure(title, "loss_u - loss_w", panels=len(drawn))
+    for ax, run in zip(axes, drawn):
+        q = nested_series(run.train, "excess_quantiles")
+        if not all(k in q for k in ("p10", "p25", "p50", "p75", "p90")):
+            continue
+        x = q["p50"][0]
+        ax.fill_between(x, q["p10"][1], q["p90"][1], alpha=0.2, color="C0")
+        ax.fill_between(x, q["p25"][1], q["p75"][1], alpha=0.35, color="C0")
+        ax.plot(x, q["p50"][1], color="C0")
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        ax.set_title(run.name, fontsize="medium")
+    return Plot("excess_distribution", title, _png(fig), wide=len(drawn) > 1)
+
+
 def _divergence_plot(runs: list[RunLog]) -> Plot:
     title = "Learner/reference divergence ||u - w|| / ||u|| at each sync"
     drawn = [(i, run) for i, run in enumerate(runs) if len(series(run.train, "ref_divergence")[0])]
@@ -395,6 +442,7 @@ def make_plots(runs: list[RunLog]) -> list[Plot]:
                      [("target_loss", "-")], "pass --target-data-path and --eval-interval > 0"),
         _metric_plot("test_loss", "Test loss (held out, never selected on)", "loss", runs, evals,
                      [("test_loss", "-")], "pass --test-data-path and --eval-interval > 0"),
+        _compute_plot(runs),
         _metric_plot("valid_loss", "Validation loss (split of --data-path)", "loss", runs, evals,
                      [("valid_loss", "-")], "set --eval-interval > 0"),
         _metric_plot("kept_fraction", "Kept fraction of the candidates", "fraction", runs,
@@ -403,6 +451,7 @@ def make_plots(runs: list[RunLog]) -> list[Plot]:
                      "loss_u - loss_w", runs, train,
                      [("excess_kept", "-"), ("excess_dropped", "--")],
                      "only excess-loss methods (highloss, rho, blade) log it"),
+        _score_distribution_plot(runs),
         _divergence_plot(runs),
         _noise_plot("noise_kept_rate", "Kept rate by noise type", "noise_kept_rate",
                     "kept / candidates", runs),

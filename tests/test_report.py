@@ -30,13 +30,15 @@ def blade_records(steps_per_window=5, windows=4):
             "hook_time_share": 0.5, "tokens_per_s": 1000.0,
             "block_crcs": list(range(steps_per_window)), "selecting": 1.0,
             "kept_fraction": 0.5, "excess_kept": 0.3, "excess_dropped": -0.1,
+            "excess_quantiles": {"p10": -0.2, "p25": -0.1, "p50": 0.0, "p75": 0.2, "p90": 0.4},
             "ref_divergence": 0.01 * w, "ref_syncs": float(syncs),
             "ref_synced": (syncs - before) / steps_per_window,
             "noise_kept_rate": {"clean": 0.8, "spam": 0.1},
             "trained_share": {"clean": 0.9, "spam": 0.1}})
         if w % 2 == 0:
             records.append({"kind": "eval", "iteration": iteration, "valid_loss": 6.5 - 0.01 * w,
-                            "target_loss": 6.6 - 0.01 * w, "test_loss": 6.7 - 0.01 * w})
+                            "target_loss": 6.6 - 0.01 * w, "test_loss": 6.7 - 0.01 * w,
+                            "flops": 1e12 * iteration})
     records.append({"kind": "checkpoint", "iteration": windows * steps_per_window, "path": "x"})
     return records
 
@@ -146,7 +148,8 @@ def test_report_holds_the_runs_numbers_and_embeds_every_plot(tmp_path):
 
     page = open(os.path.join(out, "index.html")).read()
     images = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    assert len(images) == len(summary["plots"]) == 10
+    assert len(images) == len(summary["plots"]) == 12
+    assert {"test_loss_vs_compute", "excess_distribution"} <= set(summary["plots"])
     assert all(base64.b64decode(data).startswith(PNG_MAGIC) for data in images)
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing outside the file
     for slug in summary["plots"]:

@@ -77,8 +77,8 @@ def _record(trainer, direct):
         steps.append(row)
         return batch
 
-    def recording_scores(block_ids):
-        scores = scores_fn(block_ids)
+    def recording_scores(block_ids, samples=None):
+        scores = scores_fn(block_ids, samples)
         last["scores"] = scores.copy()  # select adds its row after scoring: stash until then
         return scores
 
@@ -92,8 +92,10 @@ def _record(trainer, direct):
         stats = after_step(step, batch, lr)
         row["stats"] = stats
         if batch.chosen:  # the reference's L_train must see this step's alpha (the masks)
-            row["last_batch_is_masked"] = bool(numpy.array_equal(
-                hook._last_batch[1].numpy(), row["masks"]))
+            replayed = hook.reference.replay[-1]
+            row["last_batch_is_masked"] = bool(
+                replayed.step == step and replayed.weights is not None
+                and numpy.array_equal(replayed.weights.numpy(), row["masks"]))
         last["ref"] = _flat(ref.model.module)
         return stats
 
@@ -142,7 +144,7 @@ def _nan_checks(argv):
                 stats = hook.after_step(1, batch, 1e-3)
             row = {"block": block.ids, "kept": batch.ids, "stats": stats,
                    "warnings": [str(w.message) for w in caught],
-                   "sidecar_scored": float(trainer.hook.ctx.sidecars[0].sorted_rows()[1][:, 0].sum())}
+                   "sidecar_scored": float(trainer.hook.ctx.record.sidecars[0].sorted_rows()[1][:, 0].sum())}
             if batch.chosen:
                 row["masks"] = torch.cat([batch.chosen[i][0]
                                           for i in sorted(batch.chosen)]).numpy()

@@ -114,8 +114,8 @@ def _ranking(trainer):
     hook = trainer.hook
     # Candidates: pool windows whose main document is clean or token salad (spam, blob).
     ids = trainer.train_data.ordered_ids(0, 400)
-    labels = np.asarray(hook.ctx.noise_labels)[trainer.train_data.main_documents(ids)[0][2]]
-    names = list(hook.ctx.noise_names)
+    labels = np.asarray(hook.ctx.record.noise_labels)[trainer.train_data.main_documents(ids)[0][2]]
+    names = list(hook.ctx.record.noise_names)
     clean = ids[labels == names.index("clean")][:8]
     salad = ids[np.isin(labels, [names.index("spam"), names.index("blob")])][:8]
     block = np.concatenate([clean, salad])

@@ -74,6 +74,7 @@ def _restore(originals):
 
 def _sketch_rank(argv):
     from blade_mega import cpu_compat, parallel
+    from blade_mega.sketch.whole import whole_sketches
 
     cpu_compat.install()
     parallel.init_distributed(1, 1)
@@ -84,20 +85,21 @@ def _sketch_rank(argv):
             hook = trainer.hook
             ids = trainer.train_data.ordered_ids(0, SAMPLES)
             partial = hook.sketcher.sketch(hook.read(hook.local_share(ids)))
-            out[(tp, pp)] = hook.full_sketches(partial).numpy()
+            out[(tp, pp)] = whole_sketches(partial, hook.sketcher, hook.groups).cpu().numpy()
         # The DP2 trainer (TP1/PP1) is rebuilt last so nothing but the scorer communicates.
         trainer = _trainer(argv, 1, 1)
         hook = trainer.hook
         block = trainer.train_data.ordered_ids(100, BLOCK)
         for beta in (0.0, 0.5):
-            hook.beta, hook.comm_bytes, hook.target_consumed = beta, 0, 0  # same V batch
+            hook.beta, hook.target_consumed = beta, 0  # same V batch
+            hook.groups.take_sent_bytes()
             record = []
             originals = _recording_collectives(record)
             try:
                 scores, gram = hook.block_scores(block)
             finally:
                 _restore(originals)
-            out[("collectives", beta)] = {"calls": record, "bytes": hook.comm_bytes,
+            out[("collectives", beta)] = {"calls": record, "bytes": hook.groups.take_sent_bytes(),
                                           "scores": scores, "gram": gram}
         out["slot_floats"] = hook.sketcher.num_slots * hook.sketcher.slot_size
         out["params"] = sum(p.numel() for p in trainer.learner.module.parameters())
@@ -194,11 +196,11 @@ def _training_rank(argv, full, split, uniform):
             row["documents"] = np.empty_like(documents)
             row["documents"][where] = documents
         out["steps"] = steps
-        out["table"] = trainer.hook.ctx.sidecars[0].dense_table()
+        out["table"] = trainer.hook.ctx.record.sidecars[0].dense_table()
         _trainer(argv + ["--save", split, "--exit-interval", "2"]).train()
         resumed = _trainer(argv + ["--load", split, "--save", split])
         resumed.load()
-        out["restored"] = resumed.hook.ctx.sidecars[0].dense_table()
+        out["restored"] = resumed.hook.ctx.record.sidecars[0].dense_table()
         out["restored_target_consumed"] = resumed.hook.target_consumed
         resumed.train()  # loads the same checkpoint again, then runs steps 2 and 3
         _trainer(argv + ["--selection", "uniform", "--train-iters", "1", "--save", uniform]).train()
@@ -269,26 +271,24 @@ def test_selecting_steps_log_kept_fraction_influence_and_noise_stats(trained):
     assert "trained_share" not in logged[WARMUP]  # warm-up steps do not select
 
 
-def _dense_sidecar(path):
-    import json
-
+def _dense(path, like):
+    """A saved (sparse) sidecar file as the dense [documents x 3] table."""
     from blade_mega.data.sidecar import Sidecar
 
-    with open(path[:-len(".npy")] + ".json") as f:
-        documents = json.load(f)["documents"]
-    return Sidecar.load(path, documents, "pool").dense_table()
+    return Sidecar.load(path, len(like), "pool").dense_table()
 
 
 def test_checkpoint_holds_the_sidecar_and_resume_restores_it(trained):
     name = trained["sidecar"]
-    saved = _dense_sidecar(os.path.join(trained["split"], "iter_0000002", name))
+    table = trained["ranks"][0]["table"]
+    saved = _dense(os.path.join(trained["split"], "iter_0000002", name), table)
     # Step 0 was warm-up, step 1 selected: one block scored, one batch kept.
     assert saved[:, SCORED].sum() == BLOCK and saved[:, KEPT].sum() == BATCH
     for rank in trained["ranks"]:
         assert np.array_equal(rank["restored"], saved)
         assert rank["restored_target_consumed"] == BATCH  # one V batch per selecting step
     # Resumed, the run ends with the straight run's sidecar (in the file and in memory).
-    full, split = (_dense_sidecar(os.path.join(trained[d], "iter_0000004", name))
+    full, split = (_dense(os.path.join(trained[d], "iter_0000004", name), table)
                    for d in ("full", "split"))
     assert np.array_equal(full, trained["ranks"][0]["table"])
     assert np.array_equal(full[:, :2], split[:, :2])

@@ -8,14 +8,13 @@ The loop calls a hook at fixed points, like OLMo-core's ``Callback(Stateful)``:
     metrics = hook.after_step(step, batch, lr)       # reference sync/training, sidecar
     hook.state_dict() / hook.load_state_dict()       # with every checkpoint
 
-A hook gets everything it needs in a ``SelectionContext``; process groups are passed in there,
-never looked up from globals inside the hook.
+A hook gets everything it needs in a ``SelectionContext``: the resolved ``SelectionConfig`` (never
+the flags), process groups passed in (never looked up from globals inside the hook), the run's
+``SelectionRecord`` (sidecars, kept/noise statistics) and its ``FlopCounter``.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -23,49 +22,85 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from blade_mega.config import SelectionConfig
 from blade_mega.data.sample_index import SampleIndex
-from blade_mega.data.sidecar import Sidecar, path_in
-from blade_mega.engine import ModelEngine, split_microbatches
+from blade_mega.engine import ModelEngine, comm_device, split_microbatches
 from blade_mega.errors import UserError
+from blade_mega.flops import FlopCounter
 from blade_mega.model import ModelSize
+from blade_mega.selection.record import SelectionRecord
 
 
 @dataclass
 class ProcessGroups:
-    """The groups a hook communicates over, and this rank's place in them."""
+    """The groups a hook communicates over, this rank's place in them, and the hook's only
+    collectives, which count the bytes this rank sends (``take_sent_bytes``)."""
     dp: object
     dp_rank: int
     dp_size: int
     pp: object
     mp: object  # tensor x pipeline: one whole model replica
     is_last_stage: bool
+    pp_size: int = 1
+    sent_bytes: int = 0
 
     def share(self, ids: np.ndarray) -> np.ndarray:
         """This DP rank's contiguous share of a global id list."""
         per_rank = len(ids) // self.dp_size
         return ids[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
 
+    def all_gather(self, tensor: torch.Tensor, group) -> torch.Tensor:
+        """Every rank's ``tensor`` concatenated along dim 0 in rank order, on the comm device."""
+        size = torch.distributed.get_world_size(group)
+        tensor = tensor.to(comm_device()).contiguous()
+        if size == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(size)]
+        torch.distributed.all_gather(parts, tensor, group=group)
+        self.sent_bytes += (size - 1) * tensor.numel() * tensor.element_size()
+        return torch.cat(parts)
+
+    def all_reduce(self, tensor: torch.Tensor, group) -> torch.Tensor:
+        """Sum over ``group`` (ring all-reduce: 2 (n-1)/n of the tensor sent per rank)."""
+        size = torch.distributed.get_world_size(group)
+        tensor = tensor.to(comm_device()).contiguous()
+        if size > 1:
+            torch.distributed.all_reduce(tensor, group=group)
+            self.sent_bytes += 2 * (size - 1) * tensor.numel() * tensor.element_size() // size
+        return tensor
+
+    def gather_dp(self, local: torch.Tensor) -> np.ndarray:
+        """Per-sample values of this rank's DP share -> the whole block's, on every rank."""
+        return self.all_gather(local, self.dp).cpu().numpy().copy()
+
+    def count(self, nbytes: int) -> None:
+        """Bytes sent by a collective that runs elsewhere (pipeline broadcasts of losses)."""
+        self.sent_bytes += nbytes
+
+    def take_sent_bytes(self) -> int:
+        sent, self.sent_bytes = self.sent_bytes, 0
+        return sent
+
 
 @dataclass
 class SelectionContext:
-    args: argparse.Namespace
+    config: SelectionConfig
     learner: ModelEngine
     train: SampleIndex
     target: Optional[SampleIndex]
     groups: ProcessGroups
     build_engine: Callable[[ModelSize, bool], ModelEngine]  # (size, offload) -> new model+engine
     learner_size: ModelSize
-    sidecars: list[Sidecar]
-    noise_labels: Optional[np.ndarray] = None  # per document of train part 0, or None
-    noise_names: tuple[str, ...] = ()
+    record: SelectionRecord
+    flops: FlopCounter
 
     @property
     def global_batch(self) -> int:
-        return self.args.global_batch_size
+        return self.config.global_batch
 
     @property
     def tokens_per_sample(self) -> int:
-        return self.args.seq_length
+        return self.config.seq_length
 
 
 @dataclass
@@ -86,8 +121,8 @@ class SelectionHook:
 
     Selectors that score candidates set ``keeps_sidecar`` and report each selection round with
     ``train_on_kept`` (sample level) or ``record_selection``, so the sidecar, its checkpointing
-    and the kept and noise statistics are the same for all of them. Uniform scores nothing: it
-    keeps no sidecar.
+    and the kept and noise statistics are the same for all of them (``SelectionRecord``).
+    Uniform scores nothing: it keeps no sidecar.
     """
 
     name = "uniform"
@@ -96,7 +131,8 @@ class SelectionHook:
 
     def __init__(self, ctx: SelectionContext):
         self.ctx = ctx
-        self.comm_bytes = 0  # bytes this hook sent through collectives in the last step
+        self.config = ctx.config
+        self.groups = ctx.groups
 
     # -- the loop's call points -------------------------------------------------------------
     def block_size(self, step: int) -> int:
@@ -109,7 +145,7 @@ class SelectionHook:
         ids = self.local_share(block_ids)
         samples = self.read(ids)
         weights = torch.ones(samples.size(0), samples.size(1) - 1)
-        stats = self.noise_stats(block_ids, np.ones(len(block_ids)))
+        stats = self.ctx.record.noise_stats(block_ids, np.ones(len(block_ids)))
         return TrainBatch(ids, samples, weights, self.uniform_normaliser(), stats=stats)
 
     def after_step(self, step: int, batch: TrainBatch, lr: float) -> dict:
@@ -127,25 +163,17 @@ class SelectionHook:
         """Save the hook's own files into ``directory``: the sidecars here (every rank holds the
         same rows, so rank 0 writes them, once); subclasses add their extra model engines."""
         if self.keeps_sidecar and torch.distributed.get_rank() == 0:
-            for prefix, sidecar in zip(self.ctx.train.prefixes, self.ctx.sidecars):
-                sidecar.save(path_in(directory, prefix))
+            self.ctx.record.save(directory)
 
     def load_engines(self, directory: str, load_optimizer: bool = True) -> None:
         """Read the sidecars saved in ``directory`` (every rank reads the same files);
         subclasses load their engines (without optimizer state if not ``load_optimizer``)."""
-        if not self.keeps_sidecar:
-            return
-        for part, prefix in enumerate(self.ctx.train.prefixes):
-            path = path_in(directory, prefix)
-            if not os.path.isfile(path):
-                raise UserError(f"{path}: the checkpoint has no sidecar for {prefix}; resume with "
-                                "the --data-path and --selection it was trained with")
-            self.ctx.sidecars[part] = Sidecar.load(path, self.ctx.train.num_documents(part),
-                                                   prefix)
+        if self.keeps_sidecar:
+            self.ctx.record.load(directory)
 
     # -- helpers for plug-ins ----------------------------------------------------------------
     def local_share(self, ids: np.ndarray) -> np.ndarray:
-        return self.ctx.groups.share(ids)
+        return self.groups.share(ids)
 
     def read(self, ids: np.ndarray) -> torch.Tensor:
         return self.ctx.train.read(ids)
@@ -153,12 +181,12 @@ class SelectionHook:
     def candidate_block(self) -> int:
         """Size of a sample-level candidate block: global_batch / keep_ratio samples, which each
         DP rank scores in whole micro-batches."""
-        args = self.ctx.args
-        block = int(round(self.ctx.global_batch / args.keep_ratio))
-        unit = self.ctx.groups.dp_size * args.micro_batch_size
+        config = self.config
+        block = int(round(self.ctx.global_batch / config.keep_ratio))
+        unit = self.groups.dp_size * config.micro_batch
         if block % unit:
             raise UserError(
-                f"--selection {args.selection} scores a block of {block} = --global-batch-size / "
+                f"--selection {config.method} scores a block of {block} = --global-batch-size / "
                 f"--keep-ratio samples, which must be a multiple of --micro-batch-size x "
                 f"data-parallel size = {unit}; adjust --keep-ratio or the batch sizes")
         return block
@@ -189,46 +217,16 @@ class SelectionHook:
         kept = np.zeros(len(block_ids), dtype=bool)
         kept[keep] = True
         stats.update(self.record_selection(block_ids, kept.astype(np.float64), scores))
-        finite = np.isfinite(scores)  # mean score of the kept and of the dropped candidates
-        for side, chosen in (("kept", kept & finite), ("dropped", ~kept & finite)):
-            mean = float(scores[chosen].mean()) if chosen.any() else float("nan")
-            stats[f"{self.score_name}_{side}"] = mean
+        stats.update(self.ctx.record.score_means(scores, kept, self.score_name))
+        stats.update(self.ctx.record.score_quantiles(scores, self.score_name))
         return self.train_on(block_ids, keep, stats)
 
     def record_selection(self, ids: np.ndarray, kept: np.ndarray, scores: np.ndarray) -> dict:
-        """One selection round over candidates ``ids`` (global, the same on every rank): ``kept``
-        is each one's kept share (0/1 per sample, a fraction under token masks), ``scores`` its
-        score (non-finite: unscored). Adds the round to the sidecars; returns the step's stats."""
-        for part, where, documents in self.ctx.train.main_documents(ids):
-            self.ctx.sidecars[part].update(documents, kept[where], scores[where])
-        return {"kept_fraction": float(kept.mean()), **self.noise_stats(ids, kept)}
+        """One selection round (see ``SelectionRecord.selection``); returns the step's stats."""
+        return self.ctx.record.selection(ids, kept, scores)
 
     def uniform_normaliser(self) -> float:
         return float(self.ctx.global_batch * self.ctx.tokens_per_sample)
 
-    def noise_stats(self, ids: np.ndarray, kept: np.ndarray) -> dict:
-        """Per labelled noise type (demo corpus): the kept rate of its candidates and its share
-        of what was trained on. ``kept`` is each candidate's kept share (0..1)."""
-        labels = self._noise_labels(ids)
-        if labels is None:
-            return {}
-        trained = kept.sum()
-        kept_rate, share = {}, {}
-        for code, name in enumerate(self.ctx.noise_names):
-            of_type = labels == code
-            if of_type.any():
-                kept_rate[name] = float(kept[of_type].mean())
-            share[name] = float(kept[of_type].sum() / trained) if trained else 0.0
-        return {"noise_kept_rate": kept_rate, "trained_share": share}
-
-    def _noise_labels(self, ids: np.ndarray) -> Optional[np.ndarray]:
-        if self.ctx.noise_labels is None:
-            return None
-        labels = np.full(len(ids), -1, dtype=np.int64)
-        for part, where, documents in self.ctx.train.main_documents(ids):
-            if part == 0:
-                labels[where] = self.ctx.noise_labels[documents]
-        return labels
-
     def microbatches(self, batch: TrainBatch):
-        return split_microbatches(batch.samples, self.ctx.args.micro_batch_size, batch.weights)
+        return split_microbatches(batch.samples, self.config.micro_batch, batch.weights)

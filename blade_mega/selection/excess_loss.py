@@ -11,6 +11,11 @@ nothing about earlier selections is remembered (the sidecar only biases which bl
   function sees ``loss_u``; ``loss_w`` was computed before) and keep the top ``keep_ratio`` of
   each micro-batch's tokens. Only the reference costs an extra forward.
 
+With ``--selection-diversity beta > 0`` (sample level) the kept set is the greedy Frank-Wolfe
+solution of ``sum_S excess_i - beta sum_{i<j in S} <S g_i, S g_j>`` instead (``g_i``: the scorer's
+per-sample gradient, sketched as for sketch-influence: TP partials summed, PP slots concatenated,
+only sketches cross ranks).
+
 Ties are broken by global sample id (sample level) or position (token level). Non-finite scores
 are never kept and are counted; if a step has nothing scorable it trains uniformly and says so.
 """
@@ -25,11 +30,15 @@ from typing import Optional
 import numpy as np
 import torch
 
-from blade_mega.engine import ModelEngine, broadcast_from_last_stage, comm_device
+from blade_mega.engine import ModelEngine, broadcast_from_last_stage
 from blade_mega.errors import UserError
+from blade_mega.flops import TRAIN
 from blade_mega.model import PRESETS
 from blade_mega.selection.base import SelectionContext, SelectionHook, TrainBatch
 from blade_mega.selection.reference import Reference
+from blade_mega.sketch.diversity import greedy_diverse_top_k
+from blade_mega.sketch.sketcher import GradientSketcher, check_sketch_dim
+from blade_mega.sketch.whole import whole_sketches
 
 
 def top_k_samples(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
@@ -59,21 +68,29 @@ class ExcessLossSelector(SelectionHook):
     score_name = "excess"
 
     def __init__(self, ctx: SelectionContext, reference: Optional[Reference],
-                 proxy: Optional[ModelEngine] = None):
+                 proxy: Optional[ModelEngine] = None, proxy_size=None):
         super().__init__(ctx)
-        args = ctx.args
+        config = self.config
         self.reference = reference
         # The learner-side scorer: the learner itself, or the small proxy learner u' of a
         # proxy pair (--reference-model PRESET), which trains on the same selected batches.
         self.proxy = proxy
         self.scorer = proxy if proxy is not None else ctx.learner
-        self.token_level = args.selection_granularity == "token"
-        self.keep_ratio = args.keep_ratio
-        self.warmup = args.selection_warmup_steps
-        self._last_batch = None  # (samples, weights, normaliser) of the latest step, for w
-        self._lr = args.lr  # the learner's latest learning rate; the reference trains at it
+        self.scorer_size = proxy_size if proxy is not None else ctx.learner_size
+        self.token_level = config.token_level
+        self.keep_ratio = config.keep_ratio
+        self.warmup = config.warmup_steps
         self._ref_bad_seen = 0  # reference.bad_steps already reported
         self.block = None if self.token_level else self.candidate_block()
+        self.diversity = config.diversity
+        self.sketcher = None
+        if self.diversity > 0:
+            try:
+                check_sketch_dim(config.sketch_dim)
+            except ValueError as err:
+                raise UserError(f"--sketch-dim: {err}") from None
+            self.sketcher = GradientSketcher(self.scorer.module, self.scorer.runner,
+                                             config.sketch_dim, config.seed)
 
     # -- call points ---------------------------------------------------------------------------
     def block_size(self, step: int) -> int:
@@ -85,65 +102,67 @@ class ExcessLossSelector(SelectionHook):
         if step < self.warmup:
             return super().select(step, block_ids)
         if self.reference is not None and self.reference.due(step, self.warmup):
-            self.reference.sync_and_train(self.scorer, self._lr, step, self._last_batch)
+            self.reference.sync_and_train(self.scorer, step)
         if self.token_level:
             return self._select_tokens(block_ids)
         return self._select_samples(block_ids)
 
     def after_step(self, step: int, batch: TrainBatch, lr: float) -> dict:
-        self._lr = lr
         if step >= self.warmup and self.token_level:
             self._finish_token_step(batch)  # sets batch.weights to this step's masks (alpha)
-        self._last_batch = (batch.samples, batch.weights, batch.normaliser)
+        if self.reference is not None:  # for L_train(alpha) at the next sync
+            self.reference.remember(step, batch.ids, batch.weights, batch.normaliser)
         dropped = {}  # non-finite steps of the other models, dropped: the trainer logs them
         if self.proxy is not None:  # u' follows u: same batch, same alpha
             if not self.proxy.train_step(self.microbatches(batch), batch.normaliser, lr)[1]:
                 dropped["proxy"] = 1
+            self.ctx.flops.add("reference", self.scorer_size, self.ctx.global_batch, TRAIN)
         if self.reference is not None and self.reference.bad_steps > self._ref_bad_seen:
             dropped["reference"] = self.reference.bad_steps - self._ref_bad_seen
             self._ref_bad_seen = self.reference.bad_steps
         if step < self.warmup:
             return {"selecting": 0.0, "dropped_steps": dropped}
-        stats = dict(batch.stats, selecting=1.0, hook_comm_bytes=float(self.comm_bytes),
-                     dropped_steps=dropped)
+        stats = dict(batch.stats, selecting=1.0,
+                     hook_comm_bytes=float(self.groups.take_sent_bytes()), dropped_steps=dropped)
         if self.reference is not None:
             stats["ref_divergence"] = self.reference.last_divergence
             stats["ref_syncs"] = float(self.reference.syncs)
             stats["ref_bad_steps"] = float(self.reference.bad_steps)
             # 1 on the step that synced: its window mean x selecting steps counts the syncs.
             stats["ref_synced"] = float(self.reference.last_sync_step == step)
-        self.comm_bytes = 0
         return stats
 
     # -- scoring ---------------------------------------------------------------------------
-    def sample_scores(self, block_ids: np.ndarray) -> np.ndarray:
+    def sample_scores(self, block_ids: np.ndarray, samples: Optional[torch.Tensor] = None
+                      ) -> np.ndarray:
         """Mean excess loss of every sample in the block, on every rank (block order).
         Means are linear, so each model sends only one float per sample across stages."""
-        local_ids = self.local_share(block_ids)
-        samples = self.read(local_ids)
+        if samples is None:
+            samples = self.read(self.local_share(block_ids))
+        flops = self.ctx.flops
         excess = self.scorer.sample_losses(samples)
+        flops.add("scoring", self.scorer_size, len(block_ids), 1)
         if self.reference is not None:
             excess = excess - self.reference.model.sample_losses(samples)
-        if self.ctx.args.pipeline_model_parallel_size > 1:
+            flops.add("scoring", self.reference.size, len(block_ids), 1)
+        if self.groups.pp_size > 1:
             models = 1 if self.reference is None else 2
-            self.comm_bytes += models * excess.numel() * excess.element_size()
-        return self.all_gather_dp(excess.float())
-
-    def all_gather_dp(self, local: torch.Tensor) -> np.ndarray:
-        g = self.ctx.groups
-        if g.dp_size == 1:
-            return local.numpy().copy()
-        local = local.to(comm_device()).contiguous()
-        parts = [torch.empty_like(local) for _ in range(g.dp_size)]
-        torch.distributed.all_gather(parts, local, group=g.dp)
-        self.comm_bytes += local.numel() * local.element_size() * (g.dp_size - 1)
-        return torch.cat(parts).cpu().numpy()
+            self.groups.count(models * excess.numel() * excess.element_size())
+        return self.groups.gather_dp(excess.float())
 
     # -- sample level ----------------------------------------------------------------------
     def _select_samples(self, block_ids: np.ndarray) -> TrainBatch:
-        ctx = self.ctx
-        scores = self.sample_scores(block_ids)
-        keep = top_k_samples(scores, block_ids, ctx.global_batch)
+        batch = self.ctx.global_batch
+        samples = self.read(self.local_share(block_ids))
+        scores = self.sample_scores(block_ids, samples)
+        if self.sketcher is None:
+            keep = top_k_samples(scores, block_ids, batch)
+        else:
+            self.ctx.flops.add_sketch(self.scorer_size, len(block_ids), self.config.sketch_dim)
+            sketches = whole_sketches(self.sketcher.sketch(samples), self.sketcher,
+                                      self.groups).double()
+            gram = (sketches @ sketches.T).cpu().numpy()
+            keep = greedy_diverse_top_k(scores, block_ids, gram, batch, self.diversity)
         return self.train_on_kept(block_ids, keep, scores)
 
     # -- token level -----------------------------------------------------------------------
@@ -152,11 +171,14 @@ class ExcessLossSelector(SelectionHook):
         ids = self.local_share(block_ids)
         samples = self.read(ids)
         # weight_fn runs on the last stage, where both models' losses already are: no transfer.
-        reference_losses = (self.reference.model.token_losses(samples, everywhere=False)
-                            if self.reference is not None else None)
-        proxy_losses = (self.proxy.token_losses(samples, everywhere=False)
-                        if self.proxy is not None else None)
-        micro = ctx.args.micro_batch_size
+        reference_losses = proxy_losses = None
+        if self.reference is not None:
+            reference_losses = self.reference.model.token_losses(samples, everywhere=False)
+            ctx.flops.add("scoring", self.reference.size, len(block_ids), 1)
+        if self.proxy is not None:
+            proxy_losses = self.proxy.token_losses(samples, everywhere=False)
+            ctx.flops.add("scoring", self.scorer_size, len(block_ids), 1)
+        micro = self.config.micro_batch
         k = int(round(self.keep_ratio * micro * ctx.tokens_per_sample))
         chosen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -202,30 +224,29 @@ class ExcessLossSelector(SelectionHook):
             ], dim=1).float()
         columns = 7
         summary = broadcast_from_last_stage(summary, (n, columns)).cpu()
-        if ctx.args.pipeline_model_parallel_size > 1:
-            self.comm_bytes += summary.numel() * 4
-        gathered = self.all_gather_dp(summary.reshape(-1)).reshape(-1, columns)
+        if ctx.groups.pp_size > 1:
+            ctx.groups.count(summary.numel() * 4)
+        gathered = ctx.groups.gather_dp(summary.reshape(-1)).reshape(-1, columns)
         all_ids = batch.candidates  # DP shares are contiguous, so gathered rows follow the block
         kept_share, mean_excess = gathered[:, 0], gathered[:, 1]
         kept_sum, kept_count, finite_sum, finite_count = gathered[:, 3:7].sum(axis=0)
         kept_excess = kept_sum / max(kept_count, 1.0)
         dropped_excess = (finite_sum - kept_sum) / max(finite_count - kept_count, 1.0)
         batch.stats.update(self.record_selection(all_ids, kept_share, mean_excess))
+        batch.stats.update(ctx.record.score_quantiles(mean_excess, self.score_name))
         # Token level: kept/dropped excess are means over tokens, not over samples.
         batch.stats.update(excess_kept=float(kept_excess), excess_dropped=float(dropped_excess),
                            nonfinite_scores=float(gathered[:, 2].sum()))
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {**super().state_dict(), "last_batch": self._last_batch, "lr": self._lr}
+        state = super().state_dict()
         if self.reference is not None:
             state["reference"] = self.reference.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
-        self._last_batch = state["last_batch"]
-        self._lr = state["lr"]
         if self.reference is not None:
             self.reference.load_state_dict(state["reference"])
             self._ref_bad_seen = self.reference.bad_steps
@@ -260,27 +281,26 @@ class HighLossSelector(ExcessLossSelector):
 
 
 class RhoSelector(ExcessLossSelector):
-    """``--selection rho``: RHO-LOSS / Rho-1 with a static reference trained once on V."""
+    """``--selection rho``: RHO-LOSS / Rho-1 with a static reference trained once on V.
+
+    Its budget (``--rho-ref-steps``, by default blade's reference training in model passes) runs
+    at the first selecting step, with its own learning-rate warm-up and decay."""
     name = "rho"
 
     def __init__(self, ctx: SelectionContext):
-        args = ctx.args
-        steps = args.rho_ref_steps
-        if steps is None:  # blade's reference-step budget over the same run
-            syncs = math.ceil(max(0, args.train_iters - args.selection_warmup_steps)
-                              / args.blade_sync_interval)
-            steps = syncs * args.blade_ref_steps
-        reference = Reference(ctx, sync_interval=math.inf, steps_per_sync=steps, lam=0.0,
-                              offload=args.reference_offload)
+        config = ctx.config
+        reference = Reference(ctx, sync_interval=math.inf, steps_per_sync=0,
+                              first_steps=config.first_ref_steps, lam=0.0,
+                              optimizer_state=config.optimizer_state, lr=config.reference_lr,
+                              offload=config.reference_offload)
         super().__init__(ctx, reference)
-        if args.rho_ref_load:
-            reference.load_weights_only(args.rho_ref_load)
+        if config.rho_ref_load:
+            reference.load_weights_only(config.rho_ref_load)
             reference.copy_on_sync = False
-            reference.steps_per_sync = 0
 
 
 class BladeSelector(ExcessLossSelector):
-    """``--selection blade``: dynamic reference re-synchronised every T steps.
+    """``--selection blade``: dynamic reference, moved toward u every T steps.
 
     With ``--reference-model PRESET`` it scores with a small proxy pair instead: a proxy
     learner u' (trained on the learner's selected batches) and its reference w' (synced from u').
@@ -288,15 +308,18 @@ class BladeSelector(ExcessLossSelector):
     name = "blade"
 
     def __init__(self, ctx: SelectionContext):
-        args = ctx.args
-        if args.zero_stage >= 2 and args.blade_lambda > 0:
+        config = ctx.config
+        if config.zero_stage >= 2 and config.lam > 0:
             raise UserError(
                 "--zero-stage 2 with --selection blade and --blade-lambda > 0: each reference "
                 "step runs the V batch and the selected batch (several micro-batches), which "
                 "ZeRO-2 cannot accumulate; use --zero-stage 1 or --blade-lambda 0")
-        proxy_size = None if args.reference_model == "same" else PRESETS[args.reference_model]
+        proxy_size = PRESETS[config.proxy] if config.proxy else None
         proxy = ctx.build_engine(proxy_size, False) if proxy_size else None
-        reference = Reference(ctx, sync_interval=args.blade_sync_interval,
-                              steps_per_sync=args.blade_ref_steps, lam=args.blade_lambda,
-                              offload=args.reference_offload, size=proxy_size)
-        super().__init__(ctx, reference, proxy)
+        reference = Reference(ctx, sync_interval=config.sync_interval,
+                              steps_per_sync=config.ref_steps,
+                              first_steps=config.first_ref_steps, lam=config.lam,
+                              beta=config.sync_beta, optimizer_state=config.optimizer_state,
+                              lr=config.reference_lr, offload=config.reference_offload,
+                              size=proxy_size)
+        super().__init__(ctx, reference, proxy, proxy_size)

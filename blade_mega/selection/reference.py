@@ -1,10 +1,23 @@
 """The reference model ``w`` of excess-loss selection, and the one rule that moves it.
 
-Every ``sync_interval`` steps (from the end of warm-up): ``w <- u`` exactly, then
-``steps_per_sync`` optimizer steps on ``L_V(w) + lam * L_train(alpha, w)`` (held-out target loss
-plus the alpha-weighted loss of the learner's latest batch); frozen in between.
+Every ``sync_interval`` steps (from the end of warm-up) a *sync*:
 
-* BLADE: a dynamic reference, (T, K, lambda) from the flags.
+1. weights: the first sync copies ``w <- u`` exactly; later ones move ``w <- (1 - beta) w + beta u``
+   (beta = 1: BLADE's full re-sync; beta = 0: never re-synced, a reference that keeps its
+   target knowledge and keeps training);
+2. optimizer state, when the weights moved: ``keep`` w's own Adam state, ``reset`` it, or
+   ``copy`` the learner's (moments and step count, per ZeRO partition, with the fp32 masters);
+3. K optimizer steps (K0 at the first sync) on ``L_V(w) + lam * L_train(alpha, w)``: each step a
+   fresh batch of V and one of the learner's batches since the last sync with its own alpha
+   (*replay*: held as this rank's global ids and per-token weights, re-read by id). K <= their
+   number takes them evenly spaced from the oldest; more steps cycle through them. Warm-up
+   batches count (alpha = 1); with no batch yet (selection from step 0) a step is V only.
+
+The reference's learning rate: ``--reference-lr`` if given, else the learner's schedule at the
+current step; the first sync (the warm start, rho's whole budget) runs its own linear warm-up
+(10% of its steps) and cosine decay to ``--min-lr``, peaking at ``--reference-lr`` or ``--lr``.
+
+* BLADE: a dynamic reference, (T, K, K0, lambda, beta) from the flags.
 * RHO-LOSS / Rho-1: the same rule with one sync and lambda = 0: a static reference trained on V
   once, never updated again.
 """
@@ -13,26 +26,54 @@ from __future__ import annotations
 
 import math
 import os
+from collections import deque
+from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-from blade_mega.engine import ModelEngine, comm_device, split_microbatches
+from blade_mega.engine import ModelEngine, comm_device, learning_rate, split_microbatches
 from blade_mega.errors import UserError
+from blade_mega.flops import TRAIN
+
+
+@dataclass
+class ReplayBatch:
+    """One learner step's batch, as the reference re-reads it."""
+    step: int
+    ids: np.ndarray                  # this DP rank's global sample ids
+    weights: Optional[torch.Tensor]  # [n, s] alpha; None: all ones
+    normaliser: float                # the learner's normaliser of that step
+
+
+def replay_order(steps: int, available: int) -> list[int]:
+    """Which replayed batch each of ``steps`` reference steps trains on (oldest = 0)."""
+    if available == 0:
+        return [-1] * steps
+    if steps <= available:
+        return [j * available // steps for j in range(steps)]
+    return [j % available for j in range(steps)]
 
 
 class Reference:
-    def __init__(self, ctx, *, sync_interval: float, steps_per_sync: int, lam: float,
-                 offload: bool = False, size=None):
+    def __init__(self, ctx, *, sync_interval: float, steps_per_sync: int, first_steps: int,
+                 lam: float, beta: float = 1.0, optimizer_state: str = "keep",
+                 lr: Optional[float] = None, offload: bool = False, size=None):
         if ctx.target is None:
             raise UserError("the reference model needs --target-data-path")
         self.ctx = ctx
         self.sync_interval = sync_interval
         self.steps_per_sync = steps_per_sync
+        self.first_steps = first_steps
         self.lam = lam
-        self.model: ModelEngine = ctx.build_engine(size or ctx.learner_size, offload)
+        self.beta = beta
+        self.optimizer_state = optimizer_state
+        self.lr = lr
+        self.size = size or ctx.learner_size
+        self.model: ModelEngine = ctx.build_engine(self.size, offload)
         self.target_consumed = 0   # reading position in V
         self.syncs = 0
         self.steps_trained = 0
@@ -40,6 +81,8 @@ class Reference:
         self.last_divergence = float("nan")
         self.copy_on_sync = True  # False when the weights were loaded (--rho-ref-load)
         self.last_sync_step = -1  # a step retried after a non-finite loss does not sync twice
+        finite = [n for n in (first_steps, steps_per_sync, sync_interval) if math.isfinite(n)]
+        self.replay: deque[ReplayBatch] = deque(maxlen=max(1, *map(int, finite)))
 
     def due(self, step: int, warmup: int) -> bool:
         if step < warmup or step == self.last_sync_step:
@@ -47,30 +90,73 @@ class Reference:
         since = step - warmup
         return since == 0 if math.isinf(self.sync_interval) else since % self.sync_interval == 0
 
-    def sync_and_train(self, learner: ModelEngine, lr: float, step: int,
-                       last_batch: Optional[tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-        """``w <- u``, then K steps. ``last_batch`` = (samples, alpha weights, normaliser)."""
+    def remember(self, step: int, ids: np.ndarray, weights: torch.Tensor,
+                 normaliser: float) -> None:
+        """The learner trained on ``ids`` with ``weights`` at ``step``: keep it for L_train."""
+        if self.lam <= 0:
+            return
+        ones = bool((weights == 1).all())
+        self.replay.append(ReplayBatch(step, np.asarray(ids).copy(),
+                                       None if ones else weights.detach().clone(), normaliser))
+
+    def sync_and_train(self, learner: ModelEngine, step: int) -> None:
+        """Move ``w`` toward ``u`` (the rule above), then K (first: K0) steps."""
         self.last_sync_step = step
         self.last_divergence = self.divergence(learner)
-        if self.copy_on_sync:
-            self.model.copy_weights_from(learner)
-        for _ in range(self.steps_per_sync):
-            self._train_step(lr, last_batch)
+        first = self.syncs == 0
+        if self.copy_on_sync and (first or self.beta > 0):
+            if first or self.beta == 1.0:
+                self.model.copy_weights_from(learner)
+            else:
+                self.model.blend_weights_from(learner, self.beta)
+            if self.optimizer_state == "reset":
+                self.model.reset_optimizer_state()
+            elif self.optimizer_state == "copy":
+                self.model.copy_optimizer_state_from(learner)
+        steps = self.first_steps if first else self.steps_per_sync
+        batches = list(self.replay)
+        self.replay.clear()
+        for j, index in enumerate(replay_order(steps, len(batches))):
+            self._train_step(self.step_lr(j, steps, step, first),
+                             batches[index] if index >= 0 else None)
         self.syncs += 1
 
-    def _train_step(self, lr: float, last_batch) -> None:
+    def step_lr(self, j: int, steps: int, step: int, first: bool) -> float:
+        config = self.ctx.config
+        if first:  # the warm start / rho's budget: a schedule of its own over its steps
+            return learning_rate(j, lr=self.lr or config.lr, min_lr=config.min_lr,
+                                 warmup_steps=max(1, round(0.1 * steps)), total_steps=steps)
+        if self.lr is not None:
+            return self.lr
+        return learning_rate(step, lr=config.lr, min_lr=config.min_lr,
+                             warmup_steps=config.lr_warmup_iters, total_steps=config.train_iters)
+
+    def step_microbatches(self, target_ids: np.ndarray, batch: Optional[ReplayBatch],
+                          lam: float) -> tuple[list, float]:
+        """One reference step's micro-batches and normaliser: this rank's share of the V batch
+        ``target_ids``, then (lam > 0) the replayed batch with alpha scaled so that the step
+        minimises ``L_V + lam * L_train`` over one shared normaliser."""
+        ctx = self.ctx
+        micro_batch = ctx.config.micro_batch
+        target_samples = ctx.target.read(ctx.groups.share(target_ids))
+        target_tokens = float(len(target_ids) * ctx.tokens_per_sample)
+        micro = split_microbatches(target_samples, micro_batch)
+        if lam > 0 and batch is not None:
+            samples = ctx.train.read(batch.ids)
+            weights = batch.weights if batch.weights is not None else \
+                torch.ones(samples.size(0), samples.size(1) - 1)
+            scaled = weights * (lam * target_tokens / batch.normaliser)
+            micro += split_microbatches(samples, micro_batch, scaled)
+        return micro, target_tokens
+
+    def _train_step(self, lr: float, batch: Optional[ReplayBatch]) -> None:
         ctx = self.ctx
         count = ctx.global_batch
         target_ids = ctx.target.ordered_ids(self.target_consumed, count)
         self.target_consumed += count
-        target_samples = ctx.target.read(ctx.groups.share(target_ids))
-        target_tokens = float(count * ctx.tokens_per_sample)
-        micro = split_microbatches(target_samples, ctx.args.micro_batch_size)
-        if self.lam > 0 and last_batch is not None:
-            samples, weights, normaliser = last_batch
-            # Scale so that the step minimises L_V + lam * L_train with one shared normaliser.
-            scaled = weights * (self.lam * target_tokens / normaliser)
-            micro += split_microbatches(samples, ctx.args.micro_batch_size, scaled)
+        micro, target_tokens = self.step_microbatches(target_ids, batch, self.lam)
+        passes = 2 if self.lam > 0 and batch is not None else 1  # V batch (+ replayed batch)
+        ctx.flops.add("reference", self.size, passes * count, TRAIN)
         _, finite = self.model.train_step(micro, target_tokens, lr)
         if finite:
             self.steps_trained += 1
@@ -94,7 +180,8 @@ class Reference:
         return {"target_consumed": self.target_consumed, "syncs": self.syncs,
                 "steps_trained": self.steps_trained, "bad_steps": self.bad_steps,
                 "last_sync_step": self.last_sync_step,
-                "last_divergence": self.last_divergence}
+                "last_divergence": self.last_divergence,
+                "replay": [vars(batch).copy() for batch in self.replay]}
 
     def load_state_dict(self, state: dict) -> None:
         self.target_consumed = state["target_consumed"]
@@ -103,6 +190,8 @@ class Reference:
         self.bad_steps = state.get("bad_steps", 0)
         self.last_sync_step = state["last_sync_step"]
         self.last_divergence = state["last_divergence"]
+        self.replay.clear()
+        self.replay.extend(ReplayBatch(**batch) for batch in state.get("replay", []))
 
     def save(self, directory: str) -> None:
         self.model.engine.save_checkpoint(directory, tag="reference", save_latest=False)

@@ -29,14 +29,7 @@ from blade_mega.selection.base import SelectionContext, SelectionHook, TrainBatc
 from blade_mega.selection.excess_loss import top_k_samples
 from blade_mega.sketch.diversity import greedy_diverse_top_k
 from blade_mega.sketch.sketcher import GradientSketcher, check_sketch_dim
-
-
-def place_in_slots(partial: torch.Tensor, sketcher: GradientSketcher) -> torch.Tensor:
-    """[..., local layers, k, k] partial sketches -> [..., num_slots * k^2], zero elsewhere."""
-    lead = partial.shape[:-3]
-    placed = partial.new_zeros(*lead, sketcher.num_slots, sketcher.slot_size)
-    placed[..., sketcher.slots.to(partial.device), :] = partial.flatten(-2)
-    return placed.flatten(-2)
+from blade_mega.sketch.whole import place_in_slots, whole_sketches
 
 
 class SketchInfluenceSelector(SelectionHook):
@@ -46,23 +39,21 @@ class SketchInfluenceSelector(SelectionHook):
 
     def __init__(self, ctx: SelectionContext):
         super().__init__(ctx)
-        args = ctx.args
-        if args.selection_granularity != "sample":
+        config = self.config
+        if config.token_level:
             raise UserError("--selection sketch-influence scores whole samples; use "
                             "--selection-granularity sample")
         try:
-            check_sketch_dim(args.sketch_dim)
+            check_sketch_dim(config.sketch_dim)
         except ValueError as err:
             raise UserError(f"--sketch-dim: {err}") from None
-        if args.selection_diversity < 0:
-            raise UserError(f"--selection-diversity {args.selection_diversity} must be >= 0")
         if ctx.target is None:
             raise UserError("--selection sketch-influence needs --target-data-path")
-        self.warmup = args.selection_warmup_steps
-        self.beta = args.selection_diversity
+        self.warmup = config.warmup_steps
+        self.beta = config.diversity
         self.block = self.candidate_block()
-        self.sketcher = GradientSketcher(ctx.learner.module, ctx.learner.runner, args.sketch_dim,
-                                         args.seed)
+        self.sketcher = GradientSketcher(ctx.learner.module, ctx.learner.runner,
+                                         config.sketch_dim, config.seed)
         self.target_consumed = 0  # reading position in V
 
     # -- call points ---------------------------------------------------------------------------
@@ -85,9 +76,8 @@ class SketchInfluenceSelector(SelectionHook):
     def after_step(self, step: int, batch: TrainBatch, lr: float) -> dict:
         if step < self.warmup:
             return {"selecting": 0.0}
-        stats = dict(batch.stats, selecting=1.0, hook_comm_bytes=float(self.comm_bytes))
-        self.comm_bytes = 0
-        return stats
+        return dict(batch.stats, selecting=1.0,
+                    hook_comm_bytes=float(self.groups.take_sent_bytes()))
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "target_consumed": self.target_consumed}
@@ -100,21 +90,16 @@ class SketchInfluenceSelector(SelectionHook):
     def block_scores(self, block_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Influence score of every block sample (block order, on every rank), and the block's
         sketch Gram matrix when the diversity term needs it."""
-        groups = self.ctx.groups
+        groups = self.groups
         target = self.target_sketch()
         partial = self.sketcher.sketch(self.read(self.local_share(block_ids)))
+        self.ctx.flops.add_sketch(self.ctx.learner_size, len(block_ids), self.config.sketch_dim)
         if self.beta == 0:
             mine = place_in_slots(partial, self.sketcher) @ target  # this rank's terms of <.,.>
-            local_scores = self._all_reduce(mine, groups.mp)
-            return self._all_gather(local_scores, groups.dp).cpu().double().numpy(), None
-        sketches = self.full_sketches(partial).double()
+            local_scores = groups.all_reduce(mine, groups.mp)
+            return groups.all_gather(local_scores, groups.dp).cpu().double().numpy(), None
+        sketches = whole_sketches(partial, self.sketcher, groups).double()
         return (sketches @ target.double()).cpu().numpy(), (sketches @ sketches.T).cpu().numpy()
-
-    def full_sketches(self, partial: torch.Tensor) -> torch.Tensor:
-        """This rank's partial sketches of its DP share -> every sample's whole-model sketch
-        [n, num_slots * k^2] (block order), on every rank."""
-        full = self._all_reduce(place_in_slots(partial, self.sketcher), self.ctx.groups.mp)
-        return self._all_gather(full, self.ctx.groups.dp)
 
     def target_sketch(self) -> torch.Tensor:
         """Full sketch of the mean gradient of the next V batch, on every rank."""
@@ -123,24 +108,8 @@ class SketchInfluenceSelector(SelectionHook):
         ids = ctx.target.ordered_ids(self.target_consumed, count)
         self.target_consumed += count
         samples = ctx.target.read(self.local_share(ids))
+        ctx.flops.add_sketch(ctx.learner_size, count, self.config.sketch_dim)
         placed = place_in_slots(self.sketcher.sketch(samples).sum(0), self.sketcher)
-        placed = self._all_reduce(self._all_reduce(placed, ctx.groups.mp), ctx.groups.dp)
+        groups = self.groups
+        placed = groups.all_reduce(groups.all_reduce(placed, groups.mp), groups.dp)
         return placed / count
-
-    # -- the scorer's only collectives: counted, and all sketch- or score-sized ---------------
-    def _all_reduce(self, tensor: torch.Tensor, group) -> torch.Tensor:
-        size = torch.distributed.get_world_size(group)
-        if size > 1:
-            tensor = tensor.contiguous()
-            torch.distributed.all_reduce(tensor, group=group)
-            self.comm_bytes += 2 * (size - 1) * tensor.numel() * tensor.element_size() // size
-        return tensor
-
-    def _all_gather(self, tensor: torch.Tensor, group) -> torch.Tensor:
-        size = torch.distributed.get_world_size(group)
-        if size == 1:
-            return tensor
-        parts = [torch.empty_like(tensor) for _ in range(size)]
-        torch.distributed.all_gather(parts, tensor.contiguous(), group=group)
-        self.comm_bytes += (size - 1) * tensor.numel() * tensor.element_size()
-        return torch.cat(parts)
