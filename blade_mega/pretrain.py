@@ -288,7 +288,9 @@ class Trainer:
     def run_state(self) -> dict:
         return {"iteration": self.iteration, "consumed": self.consumed,
                 "bad_steps": self.bad_steps, "hook": self.hook.state_dict(),
-                "args": vars(self.args), "cpu_threads": torch.get_num_threads()}
+                "args": vars(self.args), "cpu_threads": torch.get_num_threads(),
+                # the architecture and tokenizer size as trained, for tools/export_hf.py
+                "model": self.size.__dict__, "vocab_size": self.vocab}
 
     def save(self) -> None:
         if self.iteration == self.saved_iteration:

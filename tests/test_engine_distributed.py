@@ -30,6 +30,10 @@ LAYOUTS = {
     "pp2-zero2": (2, ("--pipeline-model-parallel-size", "2", "--micro-batch-size", "4",
                       "--zero-stage", "2")),
 }
+# The Llama-style preset (RMSNorm, SwiGLU, no biases, 2 key/value groups of 2 query heads):
+# TP splits the groups and each SwiGLU [gate; up] pair, PP the layers.
+LLAMA = ("--model-size", "tiny-llama")
+LLAMA_LAYOUTS = {"tp2": LAYOUTS["tp2"], "pp2": LAYOUTS["pp2"]}
 SUBPROCESS_TIMEOUT = 300
 
 
@@ -73,6 +77,17 @@ def test_layout_losses_equal_the_single_rank_run(train, layout):
     # Same samples in the same order, whatever the layout.
     assert [r["block_crcs"] for r in train(*LAYOUTS[layout])] == \
         [r["block_crcs"] for r in train(*SINGLE)]
+
+
+@pytest.mark.parametrize("layout", LLAMA_LAYOUTS)
+def test_llama_layout_losses_equal_the_single_rank_run(train, layout):
+    ranks, flags = LLAMA_LAYOUTS[layout]
+    single = losses(train(SINGLE[0], (*LLAMA, *SINGLE[1])))
+    records = train(ranks, (*LLAMA, *flags))
+    assert losses(records)[-1] < losses(records)[0]
+    assert losses(records) == pytest.approx(single, abs=1e-4)
+    # and it is another model than tiny's
+    assert losses(records) != pytest.approx(losses(train(*SINGLE)), abs=1e-3)
 
 
 @pytest.fixture(scope="module")
