@@ -184,10 +184,10 @@ def test_bad_input_is_one_error_line(bad_runs, case):
     assert_user_error(result, *fragments)
 
 
-def test_error_on_every_rank_ends_a_torchrun_job(bad_runs):
+def test_error_on_every_rank_ends_a_torchrun_job_with_one_line(bad_runs):
     result, fragments = bad_runs["checkpoint_of_another_layout"]
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 2 and errors[0] == errors[1], result.stderr[-3000:]  # one per rank
+    assert len(errors) == 1, result.stderr[-3000:]  # both ranks raised it; the lowest prints
     for fragment in fragments:
         assert fragment in errors[0]
