@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from blade_mega.testing import pretrain_rank, run_distributed
-from conftest import assert_user_error, probe_tokens, run_tool
+from conftest import LLAMA_TRAIN, _train_save_and_probe, assert_user_error, probe_tokens, run_tool
 
 transformers = pytest.importorskip("transformers")
 
@@ -105,3 +105,19 @@ def test_an_existing_output_is_not_overwritten(llama_checkpoints, tmp_path):
                       str(output))
     assert_user_error(result, "already exists and is not empty")
     assert os.listdir(output) == ["mine.txt"]
+
+
+def test_biases_map_to_attention_and_mlp_bias(demo_data, tmp_path):
+    """RMSNorm + SwiGLU on a preset with biases: Llama with attention_bias and mlp_bias."""
+    save = str(tmp_path / "biased")
+    [ours] = run_distributed(_train_save_and_probe, 1, [
+        "--tokenizer-model", demo_data.tokenizer_model, "--data-path", demo_data.pool_prefix,
+        *LLAMA_TRAIN, "--model-size", "tiny", "--normalization", "RMSNorm", "--swiglu",
+        "--save", save], timeout=300)
+    directory = str(tmp_path / "hf")
+    result = run_tool("export_hf", "--load", save, "--output", directory)
+    assert result.returncode == 0, result.stderr
+    config = json.load(open(os.path.join(directory, "config.json")))
+    assert (config["attention_bias"], config["mlp_bias"]) == (True, True)
+    theirs = hf_logits(directory, probe_tokens())
+    assert (theirs - torch.tensor(ours["logits"])[..., :VOCAB]).abs().max().item() <= 1e-4
