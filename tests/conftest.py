@@ -1,6 +1,7 @@
 """Shared fixtures: a small demo corpus, a tokenizer trained on it and its indexed datasets."""
 
 import io
+import json
 import os
 import runpy
 import subprocess
@@ -181,12 +182,22 @@ def _train_save_and_probe(argv):
         differ = sorted(n for n, t in shard.items() if not torch.equal(t, trained[n]))
         if parallel_state.get_tensor_model_parallel_rank() != 0:
             logits = None
+        records = []
+        if args.log_file and torch.distributed.get_rank() == 0:
+            with open(args.log_file) as f:
+                records = [json.loads(line) for line in f]
         return {"logits": None if logits is None else logits.tolist(), "differ": differ,
                 "missing": sorted(set(trained) - set(shard) - {n for n in trained
-                                                               if n.endswith("_extra_state")})}
+                                                               if n.endswith("_extra_state")}),
+                "train": [r for r in records if r["kind"] == "train"]}
     finally:
         trainer.close()
         parallel.shutdown()
+
+
+def _train_save_and_probe_each(argvs):
+    """``_train_save_and_probe`` for several runs in one process (one start-up for all)."""
+    return [_train_save_and_probe(argv) for argv in argvs]
 
 
 @dataclass(frozen=True)
@@ -194,6 +205,7 @@ class LlamaCheckpoint:
     save: str            # the --save directory
     logits: list         # probe_tokens()'s logits [2, 32, padded vocab] from the trained model
     rank_reports: list   # per rank: {"differ": [...], "missing": [...]}
+    train: list          # rank 0's train log records
 
 
 @pytest.fixture(scope="session")
@@ -205,9 +217,10 @@ def llama_checkpoints(demo_data, tmp_path_factory) -> dict:
     for name, flags in LLAMA_LAYOUTS.items():
         save = str(tmp_path_factory.mktemp(f"llama_{name}"))
         argv = ["--tokenizer-model", demo_data.tokenizer_model, "--data-path",
-                demo_data.pool_prefix, *LLAMA_TRAIN, *flags, "--save", save]
+                demo_data.pool_prefix, *LLAMA_TRAIN, *flags, "--save", save,
+                "--log-file", os.path.join(save, "log.jsonl"), "--log-interval", "1"]
         ranks = run_distributed(_train_save_and_probe, 2, argv, timeout=300)
         logits = next(r["logits"] for r in ranks if r["logits"] is not None)
         out[name] = LlamaCheckpoint(save, logits, [{k: r[k] for k in ("differ", "missing")}
-                                                   for r in ranks])
+                                                   for r in ranks], ranks[0]["train"])
     return out

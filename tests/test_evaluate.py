@@ -17,19 +17,22 @@ SEQ = 32
 TOOL = os.path.join(REPO, "tools", "evaluate.py")
 
 
-def _evaluate_rank(argv):
-    """One rank of ``tools/evaluate.py argv``; rank 0 returns its last output line, parsed."""
+def _evaluate_rank(argvs):
+    """One rank of ``tools/evaluate.py argv`` for each argv in turn (one process start-up for
+    all); rank 0 returns each run's last output line, parsed."""
     import contextlib
     import io
     import runpy
 
     tool = runpy.run_path(TOOL, run_name="evaluate_tool")
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        tool["main"](argv)
-    if os.environ["RANK"] != "0":
-        return None
-    return json.loads(out.getvalue().strip().splitlines()[-1])
+    results = []
+    for argv in argvs:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            tool["main"](argv)
+        if os.environ["RANK"] == "0":
+            results.append(json.loads(out.getvalue().strip().splitlines()[-1]))
+    return results
 
 
 def _write_dataset(prefix, documents, labels=None):
@@ -74,10 +77,12 @@ def results(llama_checkpoints, datasets):
             "--seq-length", str(SEQ), "--micro-batch-size", "2", "--no-progress"]
     labelled = ["--noise-labels", datasets["two"] + ".meta.jsonl",
                 datasets["labelled"] + ".meta.jsonl"]
-    out = {"single": run_distributed(_evaluate_rank, 1, base + labelled, timeout=300)[0]}
-    for name, flags in {"tp2": ["--tensor-model-parallel-size", "2"],
-                        "pp2": ["--pipeline-model-parallel-size", "2"], "dp2": []}.items():
-        out[name] = run_distributed(_evaluate_rank, 2, base + flags, timeout=300)[0]
+    out = {"single": run_distributed(_evaluate_rank, 1, [base + labelled], timeout=300)[0][0]}
+    layouts = {"tp2": ["--tensor-model-parallel-size", "2"],
+               "pp2": ["--pipeline-model-parallel-size", "2"], "dp2": []}
+    runs = run_distributed(_evaluate_rank, 2, [base + flags for flags in layouts.values()],
+                           timeout=300)[0]
+    out.update(zip(layouts, runs))
     return out
 
 

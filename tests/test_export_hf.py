@@ -1,6 +1,7 @@
 """tools/export_hf.py: checkpoints of a TP2 and a PP2 run become LlamaForCausalLM directories
 that compute our logits, with a tokenizer AutoTokenizer loads and that tokenises as ours does;
-architectures without an exact Hugging Face equivalent are refused with one line."""
+the GPT presets become GPTNeoXForCausalLM; architectures without an exact Hugging Face
+equivalent are refused with one line."""
 
 import json
 import os
@@ -8,8 +9,8 @@ import os
 import pytest
 import torch
 
-from blade_mega.testing import pretrain_rank, run_distributed
-from conftest import LLAMA_TRAIN, _train_save_and_probe, assert_user_error, probe_tokens, run_tool
+from blade_mega.testing import run_distributed
+from conftest import LLAMA_TRAIN, _train_save_and_probe_each, assert_user_error, probe_tokens, run_tool
 
 transformers = pytest.importorskip("transformers")
 
@@ -30,7 +31,7 @@ def exported(llama_checkpoints, tmp_path_factory):
 
 def hf_logits(directory: str, tokens: torch.Tensor) -> torch.Tensor:
     model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    assert type(model).__name__ == "LlamaForCausalLM"
+    assert type(model).__name__ == "LlamaForCausalLM"  # the -llama preset's class
     model.eval()
     with torch.no_grad():
         return model(tokens).logits
@@ -83,17 +84,42 @@ def test_autotokenizer_round_trips_our_tokenizer(exported, demo_data):
         assert theirs.decode(ids, skip_special_tokens=True) == text
 
 
-def test_layernorm_gpt_is_refused_with_one_line(demo_data, tmp_path):
-    save = str(tmp_path / "gpt")
-    run_distributed(pretrain_rank, 1, [
-        "--tokenizer-model", demo_data.tokenizer_model, "--data-path", demo_data.pool_prefix,
-        "--model-size", "tiny", "--seq-length", "32", "--global-batch-size", "2",
-        "--micro-batch-size", "2", "--train-iters", "1", "--eval-interval", "0",
-        "--no-progress", "--save", save], timeout=300)
+ONE_RANK = {"gpt": ["--model-size", "tiny"],
+            "biased_llama": ["--model-size", "tiny", "--normalization", "RMSNorm", "--swiglu"],
+            "rms_gelu": ["--model-size", "tiny", "--normalization", "RMSNorm"]}
+
+
+@pytest.fixture(scope="module")
+def one_rank(demo_data, tmp_path_factory) -> dict:
+    """name -> (save dir, our logits) of 2-step single-rank runs of other architectures."""
+    root = tmp_path_factory.mktemp("one_rank")
+    argvs = [["--tokenizer-model", demo_data.tokenizer_model, "--data-path",
+              demo_data.pool_prefix, *LLAMA_TRAIN, *flags, "--save", str(root / name)]
+             for name, flags in ONE_RANK.items()]
+    runs = run_distributed(_train_save_and_probe_each, 1, argvs, timeout=300)[0]
+    return {name: (str(root / name), run["logits"]) for name, run in zip(ONE_RANK, runs)}
+
+
+def test_the_gpt_presets_export_as_gpt_neox(one_rank, tmp_path):
+    """LayerNorm + GELU + biases + RoPE: GPTNeoXForCausalLM with sequential residuals."""
+    save, ours = one_rank["gpt"]
+    directory = str(tmp_path / "hf")
+    result = run_tool("export_hf", "--load", save, "--output", directory)
+    assert result.returncode == 0, result.stderr
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    assert type(model).__name__ == "GPTNeoXForCausalLM"
+    assert model.config.use_parallel_residual is False
+    with torch.no_grad():
+        theirs = model(probe_tokens()).logits
+    assert (theirs - torch.tensor(ours)[..., :VOCAB]).abs().max().item() <= 1e-4
+
+
+def test_an_architecture_without_an_equivalent_is_refused_with_one_line(one_rank, tmp_path):
+    save, _ = one_rank["rms_gelu"]
     output = str(tmp_path / "hf")
     result = run_tool("export_hf", "--load", save, "--output", output)
-    assert_user_error(result, "--normalization LayerNorm", "a GELU MLP",
-                      "no exact Hugging Face equivalent", "-llama")
+    assert_user_error(result, "--normalization RMSNorm, a GELU MLP, --position-embedding-type "
+                      "rope has no exact Hugging Face equivalent", "-llama")
     assert not os.path.exists(output)
 
 
@@ -107,17 +133,13 @@ def test_an_existing_output_is_not_overwritten(llama_checkpoints, tmp_path):
     assert os.listdir(output) == ["mine.txt"]
 
 
-def test_biases_map_to_attention_and_mlp_bias(demo_data, tmp_path):
+def test_biases_map_to_attention_and_mlp_bias(one_rank, tmp_path):
     """RMSNorm + SwiGLU on a preset with biases: Llama with attention_bias and mlp_bias."""
-    save = str(tmp_path / "biased")
-    [ours] = run_distributed(_train_save_and_probe, 1, [
-        "--tokenizer-model", demo_data.tokenizer_model, "--data-path", demo_data.pool_prefix,
-        *LLAMA_TRAIN, "--model-size", "tiny", "--normalization", "RMSNorm", "--swiglu",
-        "--save", save], timeout=300)
+    save, ours = one_rank["biased_llama"]
     directory = str(tmp_path / "hf")
     result = run_tool("export_hf", "--load", save, "--output", directory)
     assert result.returncode == 0, result.stderr
     config = json.load(open(os.path.join(directory, "config.json")))
     assert (config["attention_bias"], config["mlp_bias"]) == (True, True)
     theirs = hf_logits(directory, probe_tokens())
-    assert (theirs - torch.tensor(ours["logits"])[..., :VOCAB]).abs().max().item() <= 1e-4
+    assert (theirs - torch.tensor(ours)[..., :VOCAB]).abs().max().item() <= 1e-4

@@ -11,8 +11,10 @@ Examples:
 
 The Llama-style architecture (``--model-size *-llama``, or ``--normalization RMSNorm --swiglu``
 with RoPE) becomes ``LlamaForCausalLM`` (config.json, model.safetensors, generation_config.json),
-exactly: the same logits on the same tokens. Other architectures (LayerNorm, GELU, learned
-positions) are refused, since no Hugging Face class computes the same function.
+exactly: the same logits on the same tokens. The GPT presets (LayerNorm, GELU, RoPE, one
+key/value head per query head) become ``GPTNeoXForCausalLM`` with sequential residuals, as
+exactly. Other combinations (learned positions, RMSNorm with GELU, GQA with LayerNorm, ...) are
+refused, since no Hugging Face class computes the same function.
 
 Megatron-Core's fused tensors are split into Llama's: linear_qkv holds, per key/value group, its
 query heads then one key and one value head; a SwiGLU linear_fc1 holds [gate; up] (per TP
@@ -55,21 +57,24 @@ def _require_transformers():
     return transformers
 
 
-def check_llama(ckpt: Checkpoint) -> None:
-    """Refuse what LlamaForCausalLM does not compute."""
+def hf_class(ckpt: Checkpoint) -> str:
+    """The transformers class that computes exactly what the checkpoint's model does."""
     size = ckpt.size
-    differences = []
-    if size.normalization != "RMSNorm":
-        differences.append(f"--normalization {size.normalization}")
-    if not size.swiglu:
-        differences.append("a GELU MLP (no --swiglu)")
-    if size.position_embedding_type != "rope":
-        differences.append(f"--position-embedding-type {size.position_embedding_type}")
-    if differences:
-        raise UserError(
-            f"{ckpt.directory}: {', '.join(differences)} has no exact Hugging Face equivalent "
-            "(export writes LlamaForCausalLM: RMSNorm, SwiGLU, RoPE); train with a -llama "
-            "--model-size, or --normalization RMSNorm --swiglu")
+    if size.position_embedding_type == "rope":
+        if size.normalization == "RMSNorm" and size.swiglu:
+            return "LlamaForCausalLM"
+        if size.normalization == "LayerNorm" and not size.swiglu and \
+                size.query_groups == size.num_attention_heads:
+            return "GPTNeoXForCausalLM"
+    differences = [f"--normalization {size.normalization}",
+                   "--swiglu" if size.swiglu else "a GELU MLP",
+                   f"--position-embedding-type {size.position_embedding_type}"]
+    if size.query_groups != size.num_attention_heads:
+        differences.append(f"--num-query-groups {size.query_groups}")
+    raise UserError(
+        f"{ckpt.directory}: {', '.join(differences)} has no exact Hugging Face equivalent "
+        "(exported are RMSNorm + SwiGLU + RoPE as LlamaForCausalLM, and LayerNorm + GELU + RoPE "
+        "without GQA as GPTNeoXForCausalLM); train with a -llama --model-size for Llama")
 
 
 def llama_config(ckpt: Checkpoint, vocab_rows: int, tokenizer, dtype: torch.dtype):
@@ -143,6 +148,64 @@ def llama_state_dict(ckpt: Checkpoint, vocab_rows: int) -> dict:
     return {name: tensor.contiguous().clone() for name, tensor in out.items()}
 
 
+def neox_config(ckpt: Checkpoint, vocab_rows: int, tokenizer, dtype: torch.dtype):
+    from transformers import GPTNeoXConfig
+
+    size = ckpt.size
+    special = {} if tokenizer is None else {
+        "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eod_id,
+        "pad_token_id": tokenizer.pad_id}
+    return GPTNeoXConfig(
+        vocab_size=vocab_rows,
+        hidden_size=size.hidden_size,
+        num_hidden_layers=size.num_layers,
+        num_attention_heads=size.num_attention_heads,
+        intermediate_size=size.ffn_hidden_size,
+        hidden_act="gelu",  # exact (erf) GELU, as Megatron's F.gelu
+        max_position_embeddings=size.max_position_embeddings,
+        initializer_range=getattr(ckpt.args, "init_method_std", 0.02),
+        layer_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        use_parallel_residual=False,  # Megatron's pre-norm layer: attention, then the MLP
+        rope_parameters={"rope_type": "default", "rope_theta": float(size.rotary_base),
+                         "partial_rotary_factor": 1.0},
+        attention_bias=size.add_bias_linear,
+        dtype=dtype,
+        architectures=["GPTNeoXForCausalLM"],
+        **special,
+    )
+
+
+def neox_state_dict(ckpt: Checkpoint, vocab_rows: int) -> dict:
+    """Megatron-Core names -> GPTNeoXForCausalLM names. With one group per head, Megatron's
+    linear_qkv is per head [q; k; v], which is NeoX's query_key_value layout as it stands."""
+    size, state = ckpt.size, ckpt.state
+    out = {"gpt_neox.embed_in.weight": state["embedding.word_embeddings.weight"][:vocab_rows],
+           "gpt_neox.final_layer_norm.weight": state["decoder.final_layernorm.weight"],
+           "gpt_neox.final_layer_norm.bias": state["decoder.final_layernorm.bias"],
+           "lm_head.weight": state["output_layer.weight"][:vocab_rows]}
+    for i in range(size.num_layers):
+        layer, hf = f"decoder.layers.{i}", f"gpt_neox.layers.{i}"
+        for suffix in ("weight", "bias"):
+            out[f"{hf}.input_layernorm.{suffix}"] = _norm(
+                state, layer, f"input_layernorm.{suffix}",
+                f"self_attention.linear_qkv.layer_norm_{suffix}")
+            out[f"{hf}.post_attention_layernorm.{suffix}"] = _norm(
+                state, layer, f"pre_mlp_layernorm.{suffix}", f"mlp.linear_fc1.layer_norm_{suffix}")
+        names = {"attention.query_key_value": "self_attention.linear_qkv",
+                 "attention.dense": "self_attention.linear_proj",
+                 "mlp.dense_h_to_4h": "mlp.linear_fc1", "mlp.dense_4h_to_h": "mlp.linear_fc2"}
+        for theirs, ours in names.items():
+            out[f"{hf}.{theirs}.weight"] = state[f"{layer}.{ours}.weight"]
+            bias = state.get(f"{layer}.{ours}.bias")
+            if bias is not None:
+                out[f"{hf}.{theirs}.bias"] = bias
+            elif theirs.startswith("mlp."):  # NeoX's MLP always has biases: zero is exact
+                rows = out[f"{hf}.{theirs}.weight"].shape[0]
+                out[f"{hf}.{theirs}.bias"] = out[f"{hf}.{theirs}.weight"].new_zeros(rows)
+    return {name: tensor.contiguous().clone() for name, tensor in out.items()}
+
+
 def save_tokenizer(tokenizer, directory: str, max_length: int) -> None:
     """The SentencePiece model as a LlamaTokenizer (transformers converts it to tokenizer.json)."""
     from transformers import AutoTokenizer
@@ -205,18 +268,21 @@ def _prepare_output(output: str) -> str:
 
 
 def export(load: str, output: str, tokenizer_model=None, keep_padded_vocab: bool = False) -> dict:
-    _require_transformers()
-    from transformers import LlamaForCausalLM
+    transformers = _require_transformers()
 
     ckpt = read_checkpoint(load)
-    check_llama(ckpt)
+    architecture = hf_class(ckpt)
     tokenizer = _load_tokenizer(tokenizer_model, ckpt)
     vocab_rows = ckpt.padded_vocab_size if keep_padded_vocab else ckpt.vocab_size
-    state = llama_state_dict(ckpt, vocab_rows)
-    dtype = state["model.embed_tokens.weight"].dtype
-    config = llama_config(ckpt, vocab_rows, tokenizer, dtype)
+    dtype = ckpt.state["embedding.word_embeddings.weight"].dtype
+    if architecture == "LlamaForCausalLM":
+        state = llama_state_dict(ckpt, vocab_rows)
+        config = llama_config(ckpt, vocab_rows, tokenizer, dtype)
+    else:
+        state = neox_state_dict(ckpt, vocab_rows)
+        config = neox_config(ckpt, vocab_rows, tokenizer, dtype)
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = getattr(transformers, architecture)(config)
     # strict: every Llama weight comes from the checkpoint, with its exact shape
     model.load_state_dict(state, strict=True, assign=True)
     tmp = _prepare_output(output)
@@ -233,7 +299,7 @@ def export(load: str, output: str, tokenizer_model=None, keep_padded_vocab: bool
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"output": os.path.abspath(output), "checkpoint": ckpt.directory,
-            "architecture": "LlamaForCausalLM", "saved_layout": {"tp": ckpt.tp, "pp": ckpt.pp},
+            "architecture": architecture, "saved_layout": {"tp": ckpt.tp, "pp": ckpt.pp},
             "vocab_size": vocab_rows, "tokenizer_vocab_size": ckpt.vocab_size,
             "parameters": sum(t.numel() for t in state.values()), "dtype": str(dtype),
             "tokenizer": tokenizer is not None}
