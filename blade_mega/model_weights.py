@@ -10,6 +10,7 @@ evaluation (tools/evaluate.py) loads it into whatever layout it runs on.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -95,8 +96,6 @@ def read_checkpoint(load: str) -> Checkpoint:
         problem = checkpoint.check_complete(load)
         if problem is not None:
             raise UserError(f"{problem}; pick a complete checkpoint")
-        import json
-
         with open(os.path.join(load, checkpoint.MANIFEST)) as f:
             manifest = json.load(f)
     elif os.path.isdir(load):
