@@ -117,9 +117,7 @@ def initialize_weights(model: GPTModel, seed: int, init_std: float, num_layers: 
         if name.endswith("bias"):
             param.zero_()
             continue
-        # Norm gains: input_layernorm / pre_mlp_layernorm / final_layernorm (local spec),
-        # linear_qkv.layer_norm_weight / linear_fc1.layer_norm_weight (Transformer Engine's).
-        if "layernorm" in name or "layer_norm" in name:
+        if "layer_norm" in name or name.startswith("decoder.final_layernorm"):
             param.fill_(1.0)
             continue
         sharded = getattr(param, "tensor_model_parallel", False) and tp_size > 1
