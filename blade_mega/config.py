@@ -43,6 +43,23 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true", default=None,
                    help="bf16 weights and compute (the default with CUDA; --fp32 opts out)")
 
+    g = p.add_argument_group("architecture", "Megatron-LM's flags; unset ones keep the preset's "
+                             "(the -llama presets set RMSNorm, SwiGLU, no biases and GQA)")
+    g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"))
+    g.add_argument("--swiglu", action="store_true", help="gated SiLU MLP (Llama's) instead of GELU")
+    g.add_argument("--disable-bias-linear", action="store_true",
+                   help="no biases in the linear layers (Llama)")
+    g.add_argument("--num-query-groups", type=int,
+                   help="grouped-query attention: key/value heads shared by groups of query heads "
+                        "(applies with or without --group-query-attention)")
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="accepted for Megatron-LM command lines; --num-query-groups decides")
+    g.add_argument("--position-embedding-type", choices=("rope", "learned_absolute"))
+    g.add_argument("--rotary-base", type=int, help="RoPE base theta (default 10000)")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="accepted for Megatron-LM command lines: embeddings and output layer are "
+                        "always separate weights here (so pipeline stages share no gradient)")
+
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -233,8 +250,11 @@ def _flag_value(checker: argparse.ArgumentParser, action: argparse.Action, value
 
 def model_size(args: argparse.Namespace) -> ModelSize:
     base = PRESETS[args.model_size]
+    # A flag left unset (None, or False for on/off flags) keeps the preset's value.
     fields = {name: getattr(args, name) for name in ModelSize.__dataclass_fields__
-              if getattr(args, name, None) is not None}
+              if getattr(args, name, None) is not None and getattr(args, name) is not False}
+    if getattr(args, "disable_bias_linear", False):
+        fields["add_bias_linear"] = False
     return ModelSize(**{**base.__dict__, **fields})
 
 
@@ -248,6 +268,16 @@ def validate(args: argparse.Namespace) -> None:
                         "shorten the sequences or enlarge the model's positions")
     if size.hidden_size % size.num_attention_heads:
         raise UserError("--hidden-size must be divisible by --num-attention-heads")
+    groups, tp = size.query_groups, args.tensor_model_parallel_size
+    if groups < 1 or size.num_attention_heads % groups:
+        raise UserError(f"--num-query-groups {groups} must divide --num-attention-heads "
+                        f"{size.num_attention_heads}")
+    if groups % tp:
+        raise UserError(f"--num-query-groups {groups} is not divisible by "
+                        f"--tensor-model-parallel-size {tp}: each TP rank holds whole key/value "
+                        "groups; use a multiple of it")
+    if size.rotary_base <= 0:
+        raise UserError(f"--rotary-base {size.rotary_base} must be positive")
     if args.micro_batch_size < 1 or args.global_batch_size < 1:
         raise UserError("--micro-batch-size and --global-batch-size must be positive")
     if args.keep_ratio is None:

@@ -241,6 +241,28 @@ def split_microbatches(samples: torch.Tensor, micro_batch_size: int,
     return out
 
 
+def drop_gradients(engine) -> None:
+    """Forget a non-finite step's gradients, DeepSpeed's copies included.
+
+    ZeRO-2 has already reduce-scattered some of them from its backward hooks, and marked those
+    parameters reduced: finish the reduction (every DP rank drops the same step, so the ranks
+    stay in step), then clear its partitioned buffers as its own overflow skip does. Without
+    this the next good step fails ("has already been reduced") or adds the bad gradients."""
+    optimizer = engine.optimizer
+    if engine.zero_optimization_partition_gradients():
+        engine.allreduce_gradients()
+        for group in list(getattr(optimizer, "averaged_gradients", {})):
+            optimizer.averaged_gradients[group] = None
+            if group in getattr(optimizer, "all_grad_tensors", {}):
+                optimizer.all_grad_tensors[group] = None
+        release = getattr(optimizer, "_release_preflattened_grad_buffers", None)
+        if release is not None:
+            release()
+    optimizer.zero_grad()
+    for param in engine.module.parameters():
+        param.grad = None
+
+
 class ModelEngine:
     """A GPT stage + its DeepSpeed engine: a training step, and per-token losses for scoring."""
 
@@ -264,10 +286,8 @@ class ModelEngine:
         if finite:
             self.engine.allreduce_gradients()
             self.engine.step()
-        else:  # drop the gradients, DeepSpeed's copies included
-            self.engine.optimizer.zero_grad()
-            for param in self.module.parameters():
-                param.grad = None
+        else:
+            drop_gradients(self.engine)
         return (weighted, weight), finite
 
     @torch.no_grad()

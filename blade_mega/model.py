@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -27,20 +28,39 @@ from blade_mega.cpu_compat import cuda_available
 
 @dataclass(frozen=True)
 class ModelSize:
+    """A model's shape and architecture; the field names are the Megatron-LM flags' dests."""
     num_layers: int
     hidden_size: int
     num_attention_heads: int
     ffn_hidden_size: int
     max_position_embeddings: int
+    normalization: str = "LayerNorm"      # or "RMSNorm"
+    swiglu: bool = False                  # gated SiLU MLP instead of GELU
+    add_bias_linear: bool = True          # --disable-bias-linear sets False
+    num_query_groups: Optional[int] = None  # GQA; None = one group per head
+    position_embedding_type: str = "rope"  # or "learned_absolute"
+    rotary_base: int = 10000
 
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+
+LLAMA = dict(normalization="RMSNorm", swiglu=True, add_bias_linear=False)
 
 # Named sizes. ``tiny`` is for tests, ``demo`` for the 2-core demo, the rest for clusters.
+# The ``-llama`` presets are Llama-style (RMSNorm, SwiGLU, no biases, GQA, RoPE); their SwiGLU
+# width is about 8/3 h, so the MLP has the parameters of a 4h GELU one.
 PRESETS: dict[str, ModelSize] = {
     "tiny": ModelSize(2, 64, 4, 256, 256),
     "demo": ModelSize(4, 128, 4, 512, 512),
     "125m": ModelSize(12, 768, 12, 3072, 2048),
     "350m": ModelSize(24, 1024, 16, 4096, 2048),
     "1.3b": ModelSize(24, 2048, 16, 8192, 2048),
+    "tiny-llama": ModelSize(2, 64, 4, 176, 256, num_query_groups=2, **LLAMA),
+    "demo-llama": ModelSize(4, 128, 4, 352, 512, num_query_groups=2, **LLAMA),
+    "125m-llama": ModelSize(12, 768, 12, 2048, 2048, num_query_groups=4, **LLAMA),
+    "1.3b-llama": ModelSize(24, 2048, 16, 5504, 2048, num_query_groups=8, **LLAMA),
 }
 
 
@@ -170,14 +190,21 @@ def initialize_weights(model: GPTModel, seed: int, init_std: float, num_layers: 
             param.copy_(target)
 
 
-def layer_spec():
+def gated_tp_order(fc1: torch.Tensor, tp_size: int) -> torch.Tensor:
+    """A gated MLP's full fc1 [gate; up] in the row order of its TP shards: Megatron's shard r
+    holds [gate_r; up_r], not rows r/tp..(r+1)/tp of [gate; up]."""
+    gate, up = fc1.chunk(2, dim=0)
+    return torch.cat([torch.cat(pair) for pair in zip(gate.chunk(tp_size), up.chunk(tp_size))])
+
+
+def layer_spec(normalization: str = "LayerNorm"):
     path = device_path.detect()
     if path.spec == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec)
 
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec()
+        return get_gpt_layer_with_transformer_engine_spec()  # TE reads config.normalization
+    spec = get_gpt_layer_local_spec(normalization=normalization)
     spec.submodules.self_attention.submodules.core_attention = SdpaDotProductAttention
     return spec
 
@@ -193,7 +220,8 @@ def speed_options(args) -> dict:
 def transformer_config(size: ModelSize, *, bf16: bool = False, dropout: float = 0.0,
                        init_std: float = 0.02, options: dict | None = None) -> TransformerConfig:
     return TransformerConfig(
-        **device_path.detect().config_fields(),
+        **device_path.detect().config_fields(add_bias_linear=size.add_bias_linear,
+                                              gated_linear_unit=size.swiglu),
         **(options or {}),
         num_layers=size.num_layers,
         hidden_size=size.hidden_size,
@@ -204,6 +232,11 @@ def transformer_config(size: ModelSize, *, bf16: bool = False, dropout: float = 
         hidden_dropout=dropout,
         attention_dropout=dropout,
         init_method_std=init_std,
+        normalization=size.normalization,
+        gated_linear_unit=size.swiglu,
+        activation_func=F.silu if size.swiglu else F.gelu,
+        add_bias_linear=size.add_bias_linear,
+        num_query_groups=size.num_query_groups,
         # Shards are allocated where they will live (the GPU, or the host without CUDA), and
         # initialize_weights fills them.
         use_cpu_initialization=not cuda_available(),
@@ -221,14 +254,15 @@ def build_gpt(size: ModelSize, vocab_size: int, *, seed: int, bf16: bool = False
     config = transformer_config(size, bf16=bf16, init_std=init_std, options=options)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(),
+        transformer_layer_spec=layer_spec(size.normalization),
         vocab_size=vocab_size,
         max_sequence_length=size.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
         parallel_output=True,  # logits stay vocab-sharded; losses use vocab-parallel CE
         share_embeddings_and_output_weights=False,
-        position_embedding_type="rope",
+        position_embedding_type=size.position_embedding_type,
+        rotary_base=size.rotary_base,
     )
     mark_tensor_parallel(model)
     initialize_weights(model, seed, init_std, size.num_layers)
@@ -245,5 +279,11 @@ def padded_vocab_size(vocab_size: int, tp_size: int, multiple: int = 128) -> int
 def count_parameters(size: ModelSize, vocab_size: int) -> int:
     """Parameters of the full (unsharded) model, for memory and FLOP estimates."""
     h, f, n = size.hidden_size, size.ffn_hidden_size, size.num_layers
-    per_layer = 4 * h * h + 4 * h + 2 * h * f + f + h + 4 * h
-    return n * per_layer + 2 * vocab_size * h + 2 * h
+    qkv = h + 2 * size.query_groups * (h // size.num_attention_heads)
+    fc1 = 2 * f if size.swiglu else f
+    norm = 2 * h if size.normalization == "LayerNorm" else h
+    biases = qkv + h + fc1 + h if size.add_bias_linear else 0
+    per_layer = qkv * h + h * h + fc1 * h + f * h + biases + 2 * norm
+    positions = size.max_position_embeddings * h \
+        if size.position_embedding_type == "learned_absolute" else 0
+    return n * per_layer + 2 * vocab_size * h + positions + norm

@@ -130,6 +130,14 @@ def init_distributed(tp: int, pp: int, timeout_minutes: float = 10.0) -> tuple[P
         torch.distributed.init_process_group(
             backend, store=_run_store(proc, timeout), rank=proc.rank,
             world_size=proc.world_size, timeout=timeout, **_nccl_device(proc))
+        if proc.world_size > 1:  # heartbeats, and one line per error (blade_mega/peers.py)
+            from blade_mega import errors
+            from blade_mega.peers import Peers
+
+            peers = Peers(_store[1], f"blade_mega/run{_runs}/peers", proc.rank, proc.world_size,
+                          timeout_minutes)
+            peers.start()
+            errors.set_peers(peers)
     # DeepSpeed finds the process group up and only sets up its communication backend.
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False,
                                timeout=timeout)
@@ -185,6 +193,9 @@ def _clear_megatron_caches() -> None:
 def shutdown() -> None:
     """Tear down Megatron's groups and the process group, and let go of everything that held
     them, so that ``init_distributed`` can start again in this process."""
+    from blade_mega import errors
+
+    errors.stop_heartbeat()  # its reports still serve the error that may be ending this run
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     _drop_megatron_groups()

@@ -338,7 +338,9 @@ class Trainer:
         return {"iteration": self.iteration, "consumed": self.consumed,
                 "bad_steps": self.bad_steps, "hook": self.hook.state_dict(),
                 "flops": self.flops.state_dict(),
-                "args": vars(self.args), "cpu_threads": torch.get_num_threads()}
+                "args": vars(self.args), "cpu_threads": torch.get_num_threads(),
+                # the architecture and tokenizer size as trained, for tools/export_hf.py
+                "model": self.size.__dict__, "vocab_size": self.vocab}
 
     def save(self) -> None:
         if self.iteration == self.saved_iteration:

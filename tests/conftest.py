@@ -1,6 +1,7 @@
 """Shared fixtures: a small demo corpus, a tokenizer trained on it and its indexed datasets."""
 
 import io
+import json
 import os
 import runpy
 import subprocess
@@ -127,3 +128,126 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+# -- Llama-style checkpoints of several layouts, for export and evaluation tests ---------------
+
+LLAMA_TRAIN = ["--model-size", "tiny-llama", "--seq-length", "32", "--global-batch-size", "4",
+               "--micro-batch-size", "2", "--train-iters", "2", "--lr", "3e-3",
+               "--lr-warmup-iters", "1", "--eval-interval", "0", "--no-progress"]
+LLAMA_LAYOUTS = {"tp2": ["--tensor-model-parallel-size", "2"],
+                 "pp2": ["--pipeline-model-parallel-size", "2"]}
+PROBE_SHAPE = (2, 32)  # the token batch whose logits the checkpoint fixtures record
+
+
+def probe_tokens(vocab: int = 2000):
+    import torch
+
+    return torch.randint(0, vocab, PROBE_SHAPE, generator=torch.Generator().manual_seed(7))
+
+
+def _layout_logits(module, tokens):
+    """Full-vocabulary logits of ``tokens`` from this rank's stage of a model of any TP/PP
+    layout, through Megatron's pipeline schedule; None except on the last stage."""
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    captured = []
+
+    def forward_step(data, model):
+        batch = next(data)
+        positions = torch.arange(batch.size(1)).expand_as(batch)
+        output = model(batch, positions, None)  # no labels: [b, s, vocab / tp] logits
+
+        def keep(output):
+            captured.append(output.detach())
+            return output.sum() * 0.0, {}
+
+        return output, keep
+
+    module.eval()
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter([tokens]), model=[module],
+            num_microbatches=1, seq_length=tokens.size(1), micro_batch_size=tokens.size(0),
+            forward_only=True)
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    group = parallel_state.get_tensor_model_parallel_group()
+    parts = [torch.empty_like(captured[0]) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(parts, captured[0].contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def _train_save_and_probe(argv):
+    """One rank: train and save a checkpoint; return the probe's logits (last stage, TP rank 0)
+    and the names whose weights differ between the trained module and this rank's shard of the
+    checkpoint as blade_mega.model_weights gathers it (none, if gathering is exact)."""
+    import torch
+    from megatron.core import parallel_state
+
+    from blade_mega import cpu_compat, parallel
+    from blade_mega.config import parse_args
+    from blade_mega.model_weights import read_checkpoint, shard_for
+    from blade_mega.pretrain import Trainer
+
+    args = parse_args(argv)
+    cpu_compat.install()
+    _, layout = parallel.init_distributed(args.tensor_model_parallel_size,
+                                          args.pipeline_model_parallel_size, 2.0)
+    trainer = Trainer(args, layout)
+    try:
+        trainer.train()
+        module = trainer.learner.module
+        logits = _layout_logits(module, probe_tokens())
+        offset = module.decoder.layers[0].layer_number - 1
+        shard = shard_for(read_checkpoint(args.save), module.state_dict().keys(),
+                          parallel_state.get_tensor_model_parallel_rank(),
+                          parallel_state.get_tensor_model_parallel_world_size(), offset)
+        trained = module.state_dict()
+        differ = sorted(n for n, t in shard.items() if not torch.equal(t, trained[n]))
+        if parallel_state.get_tensor_model_parallel_rank() != 0:
+            logits = None
+        records = []
+        if args.log_file and torch.distributed.get_rank() == 0:
+            with open(args.log_file) as f:
+                records = [json.loads(line) for line in f]
+        return {"logits": None if logits is None else logits.tolist(), "differ": differ,
+                "missing": sorted(set(trained) - set(shard) - {n for n in trained
+                                                               if n.endswith("_extra_state")}),
+                "train": [r for r in records if r["kind"] == "train"]}
+    finally:
+        trainer.close()
+        parallel.shutdown()
+
+
+def _train_save_and_probe_each(argvs):
+    """``_train_save_and_probe`` for several runs in one process (one start-up for all)."""
+    return [_train_save_and_probe(argv) for argv in argvs]
+
+
+@dataclass(frozen=True)
+class LlamaCheckpoint:
+    save: str            # the --save directory
+    logits: list         # probe_tokens()'s logits [2, 32, padded vocab] from the trained model
+    rank_reports: list   # per rank: {"differ": [...], "missing": [...]}
+    train: list          # rank 0's train log records
+
+
+@pytest.fixture(scope="session")
+def llama_checkpoints(demo_data, tmp_path_factory) -> dict:
+    """A 2-step tiny-llama run saved with TP2 and with PP2 (2 gloo ranks each)."""
+    from blade_mega.testing import run_distributed
+
+    out = {}
+    for name, flags in LLAMA_LAYOUTS.items():
+        save = str(tmp_path_factory.mktemp(f"llama_{name}"))
+        argv = ["--tokenizer-model", demo_data.tokenizer_model, "--data-path",
+                demo_data.pool_prefix, *LLAMA_TRAIN, *flags, "--save", save,
+                "--log-file", os.path.join(save, "log.jsonl"), "--log-interval", "1"]
+        ranks = run_distributed(_train_save_and_probe, 2, argv, timeout=300)
+        logits = next(r["logits"] for r in ranks if r["logits"] is not None)
+        out[name] = LlamaCheckpoint(save, logits, [{k: r[k] for k in ("differ", "missing")}
+                                                   for r in ranks], ranks[0]["train"])
+    return out

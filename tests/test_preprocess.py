@@ -274,3 +274,24 @@ def test_cli_unwritable_output_dir(demo_data, tmp_path):
     result = run_tool_in_subprocess("preprocess_data", "--input", source, "--output-prefix", str(tmp_path / "file" / "sub" / "x"),
                       "--tokenizer-model", demo_data.tokenizer_model)
     assert_user_error(result, "cannot write to output directory", "file")
+
+
+def test_key_flags_take_space_and_comma_separated_forms(demo_data, tmp_path):
+    """Megatron-LM spells --json-keys 'text title' and this tool --meta-keys 'id,noise': both
+    flags accept both forms, with the same outputs."""
+    source = os.path.join(demo_data.corpus_dir, "test.jsonl")
+    outputs = {}
+    for form, (json_keys, meta_keys) in {"spaces": (["text", "module"], ["id", "noise"]),
+                                         "commas": (["text,module"], ["id,noise"])}.items():
+        prefix = tmp_path / form / "t"
+        result = run_tool("preprocess_data", "--input", source, "--output-prefix", str(prefix),
+                          "--tokenizer-model", demo_data.tokenizer_model, "--no-progress",
+                          "--json-keys", *json_keys, "--meta-keys", *meta_keys)
+        assert result.returncode == 0, result.stderr
+        outputs[form] = {name: (tmp_path / form / name).read_bytes()
+                         for name in sorted(os.listdir(tmp_path / form))}
+    assert sorted(outputs["spaces"]) == [f"t_{key}_document.{suffix}" for key in ("module", "text")
+                                         for suffix in ("bin", "idx", "meta.jsonl")]
+    assert outputs["spaces"] == outputs["commas"]
+    first = json.loads(outputs["commas"]["t_text_document.meta.jsonl"].splitlines()[0])
+    assert sorted(first) == ["id", "noise"]

@@ -1,5 +1,6 @@
 """End-to-end demo: stdlib corpus -> tokenizer -> indexed datasets -> pretrain blade vs uniform
-on CPU ranks -> HTML report.  ``make demo`` runs it: about 7 minutes on 2 busy cores.
+on CPU ranks -> HTML report.  ``make demo`` runs it: 3.7 minutes on 2 idle cores (as the README
+says), longer when other jobs share them.
 
 Examples:
     python tools/demo.py --workdir runs/demo

@@ -12,6 +12,7 @@ unk_id, model_type). Same inputs and seed give a byte-identical model.
 
 import argparse
 
+from blade_mega.cli_args import key_list
 from blade_mega.prepare.inputs import expand_inputs, iter_texts
 from blade_mega.errors import run_cli
 from blade_mega.tokenizer import MODEL_TYPES, train_tokenizer
@@ -20,7 +21,7 @@ from blade_mega.tokenizer import MODEL_TYPES, train_tokenizer
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", required=True, help=".jsonl/.jsonl.gz/.txt files, globs or directories")
-    parser.add_argument("--json-keys", nargs="+", default=["text"], help="JSON fields holding text")
+    parser.add_argument("--json-keys", nargs="+", default=["text"], help="JSON fields holding text (space- or comma-separated)")
     parser.add_argument("--model-prefix", required=True, help="writes <prefix>.model and <prefix>.json")
     parser.add_argument("--vocab-size", type=int, default=8000)
     parser.add_argument("--model-type", choices=MODEL_TYPES, default="bpe")
@@ -29,7 +30,7 @@ def main() -> int:
     parser.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="invalid records")
     args = parser.parse_args()
 
-    texts = iter_texts(expand_inputs(args.input), args.json_keys, skip_invalid=args.on_error == "skip")
+    texts = iter_texts(expand_inputs(args.input), key_list(args.json_keys), skip_invalid=args.on_error == "skip")
     tokenizer = train_tokenizer(
         texts, args.model_prefix, args.vocab_size, args.model_type, args.seed, args.max_sentences
     )

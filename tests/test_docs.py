@@ -1,0 +1,29 @@
+"""The README says what the code does: the hook calls it shows take the code's arguments, and
+the demo's duration is the same figure in the README and in tools/demo.py."""
+
+import inspect
+import os
+import re
+
+from blade_mega.selection.base import SelectionHook
+from conftest import REPO
+
+
+def read(path: str) -> str:
+    with open(os.path.join(REPO, path), encoding="utf-8") as f:
+        return f.read()
+
+
+def test_readme_hook_calls_match_the_hook_interface():
+    calls = re.findall(r"hook\.(\w+)\(([^)]*)\)", read("README.md"))
+    assert {name for name, _ in calls} >= {"select", "after_step"}
+    for name, arguments in calls:
+        parameters = [p for p in inspect.signature(getattr(SelectionHook, name)).parameters
+                      if p != "self"]
+        assert [a.strip() for a in arguments.split(",") if a.strip()] == parameters, name
+
+
+def test_demo_duration_is_one_figure():
+    readme = re.search(r"it took ([\d.]+) minutes", read("README.md")).group(1)
+    demo = re.search(r"``make demo`` runs it: ([\d.]+) minutes", read("tools/demo.py")).group(1)
+    assert demo == readme
