@@ -12,6 +12,12 @@ from unittest import mock
 
 import pytest
 
+# DeepSpeed JIT-builds its CPU comm op once per torch_extensions directory; one per venv keeps
+# two checkouts (or a CI clone beside a dev tree) from rebuilding each other's copy, which a
+# test running under a file-size limit could not do.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR",
+                      os.path.join(sys.prefix, "torch_extensions"))
+
 from blade_mega.prepare.demo_corpus import build_demo_corpus, write_demo_corpus
 from blade_mega.prepare.preprocess import dataset_prefix, meta_path, preprocess
 from blade_mega.prepare.inputs import iter_texts

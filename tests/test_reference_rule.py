@@ -204,7 +204,7 @@ def _beta_cases(argv):
 
 def _layout_case(argv, tp, pp):
     """blade with the sketch diversity term, 3 selecting steps."""
-    trainer = _trainer(argv + ["--selection-diversity", "0.002", "--sketch-dim", "8"], tp, pp)
+    trainer = _trainer(argv + ["--selection-diversity", "0.05", "--sketch-dim", "8"], tp, pp)
     rec = _Recorder(trainer)
     scores = {}
     select = trainer.hook.select
