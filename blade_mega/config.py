@@ -272,7 +272,7 @@ def validate(args: argparse.Namespace) -> None:
     if groups < 1 or size.num_attention_heads % groups:
         raise UserError(f"--num-query-groups {groups} must divide --num-attention-heads "
                         f"{size.num_attention_heads}")
-    if groups % tp:
+    if groups % tp and size.num_attention_heads % tp == 0:  # else the heads' check says it
         raise UserError(f"--num-query-groups {groups} is not divisible by "
                         f"--tensor-model-parallel-size {tp}: each TP rank holds whole key/value "
                         "groups; use a multiple of it")

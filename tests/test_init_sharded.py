@@ -1,6 +1,7 @@
 """Initial weights: each rank draws only its tensor-parallel shards, and the shards are exactly
 the single-rank model's (plain GPT and a SwiGLU MLP, whose fc1 holds [gate; up] per rank)."""
 
+import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,7 +34,9 @@ def build_and_record(tp: int, options: dict) -> dict:
 
     try:
         with mock.patch.object(torch.Tensor, "normal_", recording_normal):
-            model = build_gpt(PRESETS["tiny"], VOCAB, seed=7, options=options)
+            # SwiGLU comes from the size (its fields build the TransformerConfig), not options.
+            size = dataclasses.replace(PRESETS["tiny"], swiglu=bool(options))
+            model = build_gpt(size, VOCAB, seed=7)
         sharded = {n: (p.numel(), p.dim()) for n, p in model.named_parameters()
                    if getattr(p, "tensor_model_parallel", False)}
         tokens = torch.arange(32).remainder(VOCAB).view(2, 16)
