@@ -87,6 +87,16 @@ def one_rank_group():
     torch.distributed.destroy_process_group()
 
 
+def run_main(argv, capsys) -> tuple[int, str, str]:
+    """``blade-pretrain argv`` in this process: (exit code, stdout, stderr)."""
+    from blade_mega.pretrain import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    out, err = capsys.readouterr()
+    return exit_.value.code, out, err
+
+
 def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
     """Run tools/<tool>.py as `__main__` in this process, capturing its output and exit status.
     (A subprocess would spend seconds importing torch; `run_tool_in_subprocess` checks that the

@@ -6,14 +6,7 @@ import pytest
 
 from blade_mega.config import parse_args
 from blade_mega.errors import UserError
-from blade_mega.pretrain import main
-
-
-def run_main(argv, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+from conftest import run_main
 
 
 @pytest.fixture

@@ -10,15 +10,9 @@ import pytest
 
 from blade_mega import plan
 from blade_mega.config import parse_args
-from blade_mega.pretrain import main, vocab_size
+from blade_mega.pretrain import vocab_size
 from blade_mega.testing import run_distributed, trainer_in_rank
-
-
-def run_main(argv, capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exit_:
-        main(argv)
-    out, err = capsys.readouterr()
-    return exit_.value.code, out, err
+from conftest import run_main
 
 
 @pytest.fixture

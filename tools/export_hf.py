@@ -77,13 +77,19 @@ def hf_class(ckpt: Checkpoint) -> str:
         "without GQA as GPTNeoXForCausalLM); train with a -llama --model-size for Llama")
 
 
+def special_token_ids(tokenizer) -> dict:
+    """The config's bos/eos/pad ids (none for a --vocab-size run without a tokenizer)."""
+    if tokenizer is None:
+        return {}
+    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eod_id,
+            "pad_token_id": tokenizer.pad_id}
+
+
 def llama_config(ckpt: Checkpoint, vocab_rows: int, tokenizer, dtype: torch.dtype):
     from transformers import LlamaConfig
 
     size = ckpt.size
-    special = {} if tokenizer is None else {
-        "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eod_id,
-        "pad_token_id": tokenizer.pad_id}
+    special = special_token_ids(tokenizer)
     return LlamaConfig(
         vocab_size=vocab_rows,
         hidden_size=size.hidden_size,
@@ -152,9 +158,7 @@ def neox_config(ckpt: Checkpoint, vocab_rows: int, tokenizer, dtype: torch.dtype
     from transformers import GPTNeoXConfig
 
     size = ckpt.size
-    special = {} if tokenizer is None else {
-        "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eod_id,
-        "pad_token_id": tokenizer.pad_id}
+    special = special_token_ids(tokenizer)
     return GPTNeoXConfig(
         vocab_size=vocab_rows,
         hidden_size=size.hidden_size,
