@@ -2,14 +2,16 @@
 
 Demo corpus (stdlib code, half the pool labelled noise), the same model, steps and seeds for
 every method; the measure is the loss on the held-out *test* split of the target distribution
-(never trained or selected on).  Reports, per method: final test loss for every seed, the share
-of steps it needs to reach uniform's final test loss, and the share of trained samples that were
-noise.
+(never trained or selected on).  Reports, per method: final test loss for every seed (windows
+of the shuffled test split, as the training loop logs it), bits per byte of the final model on
+the whole test documents (``tools/evaluate.py``: document order, tokenizer-independent), the
+share of steps it needs to reach uniform's final test loss, and the share of trained samples
+that were noise.
 
     python bench/selection_quality.py                      # defaults: 3 seeds, 5 methods
     python bench/selection_quality.py --seeds 0 --train-iters 100 --methods uniform,blade
     python bench/selection_quality.py --regime domain-shift --methods uniform,rho,blade \
-        --variant anchored="--selection blade --blade-sync-beta 0 --blade-first-ref-steps 120"
+        --variant v1="--selection blade --blade-ref-steps 8 --blade-lambda 0.5 --blade-sync-beta 1"
 
 Regimes: ``scratch`` (random init on the noisy pool), ``continued`` (from a model trained
 uniformly on that pool), ``domain-shift`` (from a base model trained on the stdlib's top-level
@@ -32,6 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import subprocess
 import sys
 import time
 
@@ -42,11 +46,11 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from blade_mega.testing import pretrain_rank, run_distributed  # noqa: E402
 
-# Settings every selector shares (same sampler, same keep ratio), then per-method flags.
-# rho gets blade's reference-step budget (K x number of syncs) by default.
-SELECTION_FLAGS = ["--selection-granularity", "sample", "--keep-ratio", "0.5",
-                   "--blade-sync-interval", "20", "--blade-ref-steps", "8",
-                   "--blade-lambda", "0.5", "--reweight-mix", "0.5"]
+# Every method runs with the flag defaults (sample level, keep 1/2 of a 2x block, T = 20,
+# K = 16, lambda = 0, beta = 0.25, --reweight-mix 0.5: the defaults the sweeps in docs/method.md
+# chose), so "blade" and "rho" here are what `--selection blade|rho` alone gives; rho's default
+# budget is blade's reference training in model passes. Variants add their own flags.
+SELECTION_FLAGS: list[str] = []
 METHODS = {
     "uniform": [],
     "highloss": ["--selection", "highloss"],
@@ -164,12 +168,16 @@ def method_flags(method: str, args) -> list[str]:
 def run_method(paths: dict, method: str, seed: int, args, workdir: str,
                base: str | None = None) -> dict:
     log = os.path.join(workdir, f"{args.regime}_{method}_seed{seed}.jsonl")
+    bpb_file = log[:-len(".jsonl")] + ".test_bpb.json"
     if args.reuse and os.path.exists(log):
         records = [json.loads(line) for line in open(log)]
         if any(r["kind"] == "eval" and r["iteration"] == args.train_iters for r in records):
-            return summarise(records, float("nan"), selection_key(paths))
-    if os.path.exists(log):
-        os.remove(log)
+            bpb = json.load(open(bpb_file)) if os.path.exists(bpb_file) else {}
+            return dict(summarise(records, float("nan"), selection_key(paths)), **bpb)
+    for stale in (log, bpb_file):
+        if os.path.exists(stale):
+            os.remove(stale)
+    save = os.path.join(workdir, f"ckpt_{args.regime}_{method}_seed{seed}")
     # The selection split: domain-shift has its own (held-out target-domain documents, as the
     # valid set); the other regimes choose on V's loss.
     data = (["--train-data-path", paths["pool"], "--valid-data-path", paths["select"]]
@@ -182,7 +190,7 @@ def run_method(paths: dict, method: str, seed: int, args, workdir: str,
             "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--lr-warmup-iters", "20",
             "--eval-interval", str(args.eval_interval), "--eval-iters", str(args.eval_iters),
             "--log-interval", "10", "--seed", str(seed), "--no-progress", "--log-file", log,
-            *method_flags(method, args)]
+            "--save", save, "--keep-checkpoints", "1", *method_flags(method, args)]
     if method != "uniform":
         # A variant's own flags come last, so they win over the shared ones.
         argv += SELECTION_FLAGS + args.method_flags + args.variants.get(method, [])
@@ -190,7 +198,24 @@ def run_method(paths: dict, method: str, seed: int, args, workdir: str,
         argv += ["--load", base, "--finetune"]
     started = time.perf_counter()
     records = run_distributed(pretrain_rank, 1, argv)[0]
-    return summarise(records, time.perf_counter() - started, selection_key(paths))
+    seconds = time.perf_counter() - started
+    bpb = test_bits_per_byte(save, paths)
+    with open(bpb_file, "w") as f:
+        json.dump(bpb, f)
+    shutil.rmtree(save, ignore_errors=True)
+    return dict(summarise(records, seconds, selection_key(paths)), **bpb)
+
+
+def test_bits_per_byte(save: str, paths: dict) -> dict:
+    """The final model on the whole test documents (tools/evaluate.py: in document order, no
+    shuffle): loss and bits per byte, the tokenizer-independent figure users compare."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "tools",
+                                                       "evaluate.py"),
+                          "--load", save, "--data-path", paths["test"], "--no-progress"],
+                         env=env, check=True, capture_output=True, text=True).stdout
+    figures = json.loads(out.strip().splitlines()[-1])["datasets"][paths["test"]]
+    return {"test_bpb": figures["bits_per_byte"], "test_doc_loss": figures["loss"]}
 
 
 def selection_key(paths: dict) -> str:
@@ -304,7 +329,8 @@ def main() -> None:
         for method in methods:
             results[method][seed] = run_method(paths, method, seed, args, args.workdir, base)
             r = results[method][seed]
-            print(f"seed {seed} {method:16s} test loss {r['final']:.4f}  selection loss "
+            print(f"seed {seed} {method:16s} test loss {r['final']:.4f}  "
+                  f"bpb {r.get('test_bpb', float('nan')):.4f}  selection loss "
                   f"{r['selection_loss'] if r['selection_loss'] is not None else float('nan'):.4f}"
                   "  noise share "
                   f"{r['noise_share'] if r['noise_share'] is not None else float('nan'):.3f}  "
@@ -317,6 +343,8 @@ def main() -> None:
         summary[method] = {"test_loss": finals, "mean_test_loss": float(np.mean(finals)),
                            "selection_loss": [r["selection_loss"] for r in runs],
                            "noise_share": [r["noise_share"] for r in runs],
+                           # whole test documents (tools/evaluate.py), tokenizer-independent
+                           "test_bpb": [r.get("test_bpb") for r in runs],
                            "total_flops": [(r["flops"] or {}).get("total") for r in runs],
                            "median_step_time": [r["median_step_time"] for r in runs],
                            "seconds": [round(r["seconds"], 1) for r in runs]}

@@ -146,12 +146,14 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--selection-warmup-steps", type=int, default=0,
                    help="uniform steps before selection starts (and before blade's first sync)")
     g.add_argument("--blade-sync-interval", type=int, default=20, help="T: steps between w <- u")
-    g.add_argument("--blade-ref-steps", type=int, default=4, help="K: reference steps per sync")
-    g.add_argument("--blade-lambda", type=float, default=0.5,
-                   help="weight of the selected training loss in the reference objective")
+    # Defaults: the best blade measured at equal compute (docs/method.md, *Sweeps*).
+    g.add_argument("--blade-ref-steps", type=int, default=16, help="K: reference steps per sync")
+    g.add_argument("--blade-lambda", type=float, default=0.0,
+                   help="weight of the selected training loss in the reference objective "
+                        "(0: w trains on V alone, which measured best at equal compute)")
     g.add_argument("--blade-first-ref-steps", type=int, default=None,
                    help="K0: reference steps of the first sync, the warm start (default: K)")
-    g.add_argument("--blade-sync-beta", type=float, default=1.0,
+    g.add_argument("--blade-sync-beta", type=float, default=0.25,
                    help="partial sync after the first: w <- (1 - beta) w + beta u (1: BLADE's "
                         "full re-sync; 0: never re-synced, w keeps training on its objective)")
     g.add_argument("--reference-optimizer-state", default="keep",
@@ -171,8 +173,9 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--rho-ref-load",
                    help="take rho's static reference weights from the reference/ saved in this "
                         "checkpoint directory (an iter_XXXXXXX/ of a rho or blade run)")
-    g.add_argument("--reweight-mix", type=float, default=0.0,
-                   help="share of each candidate block drawn by the sidecar's keep rates")
+    g.add_argument("--reweight-mix", type=float, default=0.5,
+                   help="share of each candidate block drawn by the sidecar's keep rates "
+                        "(selectors that keep a sidecar; uniform always reads in order)")
     g.add_argument("--noise-labels", help="meta.jsonl with a 'noise' key per document, to log "
                                           "the share of each noise type kept (demo corpus)")
     g.add_argument("--sketch-dim", type=int, default=64,

@@ -24,7 +24,8 @@ def _argv(data, *extra):
             "--micro-batch-size", "2", "--train-iters", "4", "--log-interval", "1",
             "--eval-interval", "0", "--no-progress", "--lr-warmup-iters", "2", "--lr", "3e-3",
             "--selection", "blade", "--selection-warmup-steps", "1",
-            "--blade-sync-interval", "2", "--blade-ref-steps", "1", *extra]
+            "--blade-sync-interval", "2", "--blade-ref-steps", "1",
+            "--blade-lambda", "0.5", "--blade-sync-beta", "1", "--reweight-mix", "0", *extra]
 
 
 def _flat(module):

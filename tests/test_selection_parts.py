@@ -54,14 +54,17 @@ def _config(*flags):
 def test_rho_gets_blades_reference_budget_in_model_passes():
     # blade: 5 syncs over 100 steps (T = 20); K = 8 steps of V + replayed batch (2 passes); the
     # first sync replays no batch without warm-up (1 pass a step).
-    rho = _config("--selection", "rho", "--blade-ref-steps", "8")
+    rho = _config("--selection", "rho", "--blade-ref-steps", "8", "--blade-lambda", "0.5")
     assert rho.first_ref_steps == 8 + 4 * 8 * 2 and rho.lam == 0 and math.isinf(rho.sync_interval)
-    warm = _config("--selection", "rho", "--blade-ref-steps", "8", "--selection-warmup-steps", "5")
+    warm = _config("--selection", "rho", "--blade-ref-steps", "8", "--selection-warmup-steps", "5",
+                   "--blade-lambda", "0.5")
     assert warm.first_ref_steps == 8 * 2 + 4 * 8 * 2  # 95 steps: still 5 syncs; K0 replays
     anchored = _config("--selection", "rho", "--blade-ref-steps", "8",
                        "--blade-first-ref-steps", "60", "--blade-lambda", "0")
     assert anchored.first_ref_steps == 60 + 4 * 8
     assert _config("--selection", "rho", "--rho-ref-steps", "7").first_ref_steps == 7
+    # With blade's defaults (K = 16, lambda = 0: one pass a step): 5 syncs x 16.
+    assert _config("--selection", "rho").first_ref_steps == 5 * 16
 
 
 def test_blade_config_resolves_its_flags():

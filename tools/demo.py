@@ -36,15 +36,13 @@ from blade_mega.atomic import write_atomic
 from blade_mega.errors import UserError, run_cli
 
 # ---- The methods compared, and the blade-pretrain flags of each (tune them here). ------------
-# Every selector shares these (the settings bench/selection_quality.py measured).
-SELECTION = ["--selection-granularity", "sample", "--keep-ratio", "0.5",
-             "--blade-sync-interval", "20", "--blade-ref-steps", "8", "--blade-lambda", "0.5",
-             "--reweight-mix", "0.5"]
+# Every selector runs with the flag defaults: `--selection blade` alone is the recommended
+# setting (chosen by the sweeps in docs/method.md), as bench/selection_quality.py measures it.
 METHODS: dict[str, list[str]] = {
-    "blade": ["--selection", "blade", *SELECTION],
+    "blade": ["--selection", "blade"],
     "uniform": ["--selection", "uniform"],
-    "rho": ["--selection", "rho", *SELECTION],
-    "highloss": ["--selection", "highloss", *SELECTION],
+    "rho": ["--selection", "rho"],
+    "highloss": ["--selection", "highloss"],
 }
 # --tiny: sizes for a pipeline check in seconds; method flags appended (later flags win).
 TINY = dict(size_mb=0.05, vocab_size=400, model_size="tiny", seq_length=32,
