@@ -50,7 +50,6 @@ from blade_mega.testing import pretrain_rank, run_distributed  # noqa: E402
 # K = 16, lambda = 0, beta = 0.25, --reweight-mix 0.5: the defaults the sweeps in docs/method.md
 # chose), so "blade" and "rho" here are what `--selection blade|rho` alone gives; rho's default
 # budget is blade's reference training in model passes. Variants add their own flags.
-SELECTION_FLAGS: list[str] = []
 METHODS = {
     "uniform": [],
     "highloss": ["--selection", "highloss"],
@@ -192,8 +191,8 @@ def run_method(paths: dict, method: str, seed: int, args, workdir: str,
             "--log-interval", "10", "--seed", str(seed), "--no-progress", "--log-file", log,
             "--save", save, "--keep-checkpoints", "1", *method_flags(method, args)]
     if method != "uniform":
-        # A variant's own flags come last, so they win over the shared ones.
-        argv += SELECTION_FLAGS + args.method_flags + args.variants.get(method, [])
+        # A variant's own flags come last, so they win over --method-flags.
+        argv += args.method_flags + args.variants.get(method, [])
     if base:  # continued pretraining: start from the base model's weights, fresh schedule
         argv += ["--load", base, "--finetune"]
     started = time.perf_counter()
