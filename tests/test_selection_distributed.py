@@ -243,9 +243,11 @@ def test_layouts_agree_with_tp1(runs, granularity, tp, pp):
         if granularity == "sample":
             assert numpy.abs(mine["scores"] - theirs["scores"]).max() < 1e-5
         else:
-            # Per-token differences of two float32 losses near 7.6 after a few steps that TP
-            # reduces in another order: tens of ulps (seen 1.5e-5 once norms started at 1).
-            assert numpy.abs(mine["excess"] - theirs["excess"]).max() < 5e-5
+            # Per-token differences of two float32 losses (7.6 on average, higher on rare
+            # tokens) after a few steps that TP reduces in another order: tens of ulps. Seen:
+            # at most 1.7e-5 on every token but one, 6.8e-5 on one token of the first
+            # selecting step; the kept masks, which is what selection uses, are equal.
+            assert numpy.abs(mine["excess"] - theirs["excess"]).max() < 1e-4
             assert numpy.array_equal(mine["masks"], theirs["masks"])
 
 
