@@ -196,7 +196,8 @@ def run_method(paths: dict, method: str, seed: int, args, workdir: str,
     if base:  # continued pretraining: start from the base model's weights, fresh schedule
         argv += ["--load", base, "--finetune"]
     started = time.perf_counter()
-    records = run_distributed(pretrain_rank, 1, argv)[0]
+    # A long run (demo size, thousands of steps) outlasts run_distributed's 10-minute default.
+    records = run_distributed(pretrain_rank, 1, argv, timeout=args.run_timeout)[0]
     seconds = time.perf_counter() - started
     bpb = test_bits_per_byte(save, paths)
     with open(bpb_file, "w") as f:
@@ -252,7 +253,7 @@ def train_base(paths: dict, seed: int, args, workdir: str) -> str:
             "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--lr-warmup-iters", "20",
             "--eval-interval", "0", "--log-interval", "50", "--seed", str(1000 + seed),
             "--no-progress", "--split", "100,1", "--save", save]
-    run_distributed(pretrain_rank, 1, argv)
+    run_distributed(pretrain_rank, 1, argv, timeout=args.run_timeout)
     return save
 
 
@@ -301,6 +302,8 @@ def main() -> None:
                    help="an extra method: a name and its pretrain flags (with --selection), "
                         "run after --methods with the shared selection flags; repeatable")
     p.add_argument("--base-iters", type=int, default=300)
+    p.add_argument("--run-timeout", type=float, default=7200,
+                   help="seconds one training run may take before it counts as hung")
     p.add_argument("--reuse", action="store_true",
                    help="reuse finished runs' logs in --workdir (same settings assumed)")
     p.add_argument("--method-flags", nargs=argparse.REMAINDER, default=[],
