@@ -184,6 +184,7 @@ def run_method(paths: dict, method: str, seed: int, args, workdir: str,
     argv = ["--tokenizer-model", paths["tokenizer"], *data,
             "--target-data-path", paths["target"], "--test-data-path", paths["test"],
             "--noise-labels", paths["labels"], "--model-size", args.model_size,
+            *args.model_flags.split(),
             "--seq-length", str(args.seq_length), "--global-batch-size", str(args.global_batch),
             "--micro-batch-size", str(args.micro_batch), "--train-iters", str(args.train_iters),
             "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--lr-warmup-iters", "20",
@@ -247,7 +248,8 @@ def train_base(paths: dict, seed: int, args, workdir: str) -> str:
         return save
     argv = ["--tokenizer-model", paths["tokenizer"], "--data-path", paths.get("base",
                                                                               paths["pool"]),
-            "--model-size", args.model_size, "--seq-length", str(args.seq_length),
+            "--model-size", args.model_size, *args.model_flags.split(),
+            "--seq-length", str(args.seq_length),
             "--global-batch-size", str(args.global_batch),
             "--micro-batch-size", str(args.micro_batch), "--train-iters", str(args.base_iters),
             "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--lr-warmup-iters", "20",
@@ -283,6 +285,10 @@ def main() -> None:
     p.add_argument("--eval-interval", type=int, default=25)
     p.add_argument("--eval-iters", type=int, default=8)
     p.add_argument("--model-size", default="tiny")
+    p.add_argument("--model-flags", default="", metavar='"FLAGS"',
+                   help='learner shape overrides for every run, base included (e.g. '
+                        '"--num-layers 8 --hidden-size 256 --ffn-hidden-size 1024"): a learner '
+                        'larger than a preset, to measure a proxy pair at a smaller size ratio')
     p.add_argument("--seq-length", type=int, default=64)
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--micro-batch", type=int, default=8)
