@@ -164,6 +164,14 @@ def method_flags(method: str, args) -> list[str]:
     return METHODS[method]
 
 
+def learner_flags(args, iters: int) -> list[str]:
+    """The learner's shape, batch and schedule: the same for the base model and every method."""
+    return ["--model-size", args.model_size, *args.model_flags.split(),
+            "--seq-length", str(args.seq_length), "--global-batch-size", str(args.global_batch),
+            "--micro-batch-size", str(args.micro_batch), "--train-iters", str(iters),
+            "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--lr-warmup-iters", "20"]
+
+
 def run_method(paths: dict, method: str, seed: int, args, workdir: str,
                base: str | None = None) -> dict:
     log = os.path.join(workdir, f"{args.regime}_{method}_seed{seed}.jsonl")
@@ -183,11 +191,7 @@ def run_method(paths: dict, method: str, seed: int, args, workdir: str,
             if "select" in paths else ["--data-path", paths["pool"], "--split", "100,1"])
     argv = ["--tokenizer-model", paths["tokenizer"], *data,
             "--target-data-path", paths["target"], "--test-data-path", paths["test"],
-            "--noise-labels", paths["labels"], "--model-size", args.model_size,
-            *args.model_flags.split(),
-            "--seq-length", str(args.seq_length), "--global-batch-size", str(args.global_batch),
-            "--micro-batch-size", str(args.micro_batch), "--train-iters", str(args.train_iters),
-            "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--lr-warmup-iters", "20",
+            "--noise-labels", paths["labels"], *learner_flags(args, args.train_iters),
             "--eval-interval", str(args.eval_interval), "--eval-iters", str(args.eval_iters),
             "--log-interval", "10", "--seed", str(seed), "--no-progress", "--log-file", log,
             "--save", save, "--keep-checkpoints", "1", *method_flags(method, args)]
@@ -248,12 +252,7 @@ def train_base(paths: dict, seed: int, args, workdir: str) -> str:
         return save
     argv = ["--tokenizer-model", paths["tokenizer"], "--data-path", paths.get("base",
                                                                               paths["pool"]),
-            "--model-size", args.model_size, *args.model_flags.split(),
-            "--seq-length", str(args.seq_length),
-            "--global-batch-size", str(args.global_batch),
-            "--micro-batch-size", str(args.micro_batch), "--train-iters", str(args.base_iters),
-            "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--lr-warmup-iters", "20",
-            "--eval-interval", "0", "--log-interval", "50", "--seed", str(1000 + seed),
+            *learner_flags(args, args.base_iters), "--eval-interval", "0", "--log-interval", "50", "--seed", str(1000 + seed),
             "--no-progress", "--split", "100,1", "--save", save]
     run_distributed(pretrain_rank, 1, argv, timeout=args.run_timeout)
     return save
