@@ -276,6 +276,15 @@ def compute_to_reach(flops_curve, level: float, total_flops: float) -> float | N
     return float("inf")
 
 
+def loss_at_compute(flops_curve, budget: float) -> float | None:
+    """Test loss of the last evaluation within ``budget`` FLOPs (all roles): the model the same
+    compute buys; None if the log has no FLOPs or no evaluation fits the budget."""
+    if not budget or any(flops is None for flops, _ in flops_curve):
+        return None
+    within = [loss for flops, loss in flops_curve if flops <= budget * (1 + 1e-9)]
+    return within[-1] if within else None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -357,17 +366,21 @@ def main() -> None:
                            "seconds": [round(r["seconds"], 1) for r in runs]}
     if "uniform" in methods:
         for method in methods:
-            steps, compute, time_ratio = [], [], []
+            steps, compute, time_ratio, matched = [], [], [], []
             for s in args.seeds:
                 mine, uniform = results[method][s], results["uniform"][s]
                 share = steps_to_reach(mine["curve"], uniform["final"], args.train_iters)
                 steps.append(share)
+                uniform_flops = (uniform["flops"] or {}).get("total")
                 compute.append(compute_to_reach(mine["flops_curve"], uniform["final"],
-                                                (uniform["flops"] or {}).get("total")))
+                                                uniform_flops))
+                matched.append(loss_at_compute(mine["flops_curve"], uniform_flops))
                 time_ratio.append(share * mine["median_step_time"] / uniform["median_step_time"])
             summary[method].update(steps_to_uniform_final=steps,
                                    compute_to_uniform_final=compute,
-                                   time_to_uniform_final=time_ratio)
+                                   time_to_uniform_final=time_ratio,
+                                   # the same GPU-hours as uniform's whole run
+                                   test_loss_at_uniform_compute=matched)
     goals = {}
     if {"blade", "uniform"} <= set(methods):
         blade, uniform = summary["blade"], summary["uniform"]
@@ -381,6 +394,11 @@ def main() -> None:
     if {"blade", "rho"} <= set(methods):
         goals["blade_below_rho_every_seed"] = all(
             b < r for b, r in zip(summary["blade"]["test_loss"], summary["rho"]["test_loss"]))
+        if "uniform" in methods:  # None (nothing evaluated within the budget) counts as worse
+            goals["blade_below_rho_at_uniform_compute_every_seed"] = all(
+                b is not None and (r is None or b < r) for b, r in zip(
+                    summary["blade"]["test_loss_at_uniform_compute"],
+                    summary["rho"]["test_loss_at_uniform_compute"]))
     summary["goals"] = goals
     print(json.dumps(summary))
 

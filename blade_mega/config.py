@@ -164,8 +164,11 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
                    help="the reference's learning rate (default: the learner's schedule at the "
                         "current step; rho's budget and the first sync: their own warm-up and "
                         "cosine decay to --min-lr, peaking at this or --lr)")
-    g.add_argument("--reference-model", default="same",
-                   help="'same' (learner's architecture) or a preset name for a proxy pair")
+    g.add_argument("--reference-model", default="auto",
+                   help="blade's scorer: 'same' (w has the learner's architecture), a preset "
+                        "name (a small proxy pair u'/w' scores instead), or 'auto' (the largest "
+                        "preset of the learner's family costing at most a quarter of its "
+                        "transformer FLOPs per token, else 'same')")
     g.add_argument("--reference-offload", action="store_true",
                    help="keep the reference's optimizer state in host memory (ZeRO-Offload)")
     g.add_argument("--rho-ref-steps", type=int, default=None,
@@ -261,6 +264,33 @@ def model_size(args: argparse.Namespace) -> ModelSize:
     return ModelSize(**{**base.__dict__, **fields})
 
 
+# --reference-model auto picks a proxy pair costing at most this share of the learner's
+# transformer FLOPs per token. Measured (README, proxy pair): at 0.22 of the learner's FLOPs the
+# tiny pair reached uniform's final loss at 0.99x uniform's compute where the same-size
+# reference needed 1.84x, at 0.05 at 0.67-0.76x.
+AUTO_PROXY_MAX_SHARE = 0.25
+
+
+def auto_reference_model(args: argparse.Namespace, learner: ModelSize) -> str:
+    """What ``--reference-model auto`` means for this learner: the largest preset of its family
+    (same norm and MLP kind) that costs at most AUTO_PROXY_MAX_SHARE of its transformer FLOPs per
+    token and splits over the run's TP and PP like the learner; 'same' when none does (a learner
+    of tiny's size)."""
+    from blade_mega.flops import forward_flops_per_token
+
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+
+    def cost(size: ModelSize) -> int:  # the output layer's share depends on the vocab: left out
+        return forward_flops_per_token(size, 0, args.seq_length)
+
+    fits = [(cost(size), name) for name, size in PRESETS.items()
+            if (size.normalization, size.swiglu) == (learner.normalization, learner.swiglu)
+            and cost(size) <= AUTO_PROXY_MAX_SHARE * cost(learner)
+            and size.num_attention_heads % tp == 0 and size.query_groups % tp == 0
+            and size.num_layers % pp == 0]
+    return max(fits)[1] if fits else "same"
+
+
 def validate(args: argparse.Namespace) -> None:
     """Checks that need no process group. Layout-dependent ones run after launch."""
     size = model_size(args)
@@ -292,9 +322,12 @@ def validate(args: argparse.Namespace) -> None:
     if args.selection in ("rho", "blade", "sketch-influence") and not args.target_data_path:
         raise UserError(f"--selection {args.selection} needs --target-data-path (the held-out "
                         "target set V as an indexed dataset prefix)")
-    if args.reference_model != "same" and args.reference_model not in PRESETS:
-        raise UserError(f"--reference-model {args.reference_model}: use 'same' or one of "
-                        f"{', '.join(sorted(PRESETS))}")
+    if args.reference_model not in ("auto", "same") and args.reference_model not in PRESETS:
+        raise UserError(f"--reference-model {args.reference_model}: use 'auto', 'same' or one "
+                        f"of {', '.join(sorted(PRESETS))}")
+    if args.reference_model == "auto":
+        args.reference_model = (auto_reference_model(args, size) if args.selection == "blade"
+                                else "same")
     if args.reference_model != "same" and args.selection != "blade":
         raise UserError("--reference-model PRESET (a proxy pair) applies to --selection blade")
     selection_config(args)  # the selection flags' own checks

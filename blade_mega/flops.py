@@ -8,6 +8,8 @@ forward over one token of a ``seq_length`` window costs, per transformer layer,
 
 (full s x s scores, as Megatron-LM's FLOP formula counts them; causal masking halves the useful
 share but not what the kernels compute), plus the output layer 2*h*V over the padded vocabulary.
+With grouped-query attention the qkv output is h + 2 h g / a wide (g key/value groups, a heads);
+with SwiGLU fc1 is 2f wide (gate and up), as Megatron builds them.
 Embeddings, norms, softmax and element-wise work are left out (under 1% at these sizes).
 A training pass (forward + backward) is 3 forwards.
 
@@ -28,8 +30,15 @@ TRAIN = 3  # forward + backward, in forwards
 def forward_flops_per_token(size: ModelSize, vocab: int, seq_length: int) -> int:
     """One token's forward through a GPT of ``size`` with a ``vocab``-row (padded) output."""
     h, f = size.hidden_size, size.ffn_hidden_size
-    per_layer = 8 * h * h + 4 * h * f + 4 * seq_length * h
+    per_layer = sum(2 * d_in * d_out for d_in, d_out in linear_shapes(size)) + 4 * seq_length * h
     return size.num_layers * per_layer + 2 * h * vocab
+
+
+def linear_shapes(size: ModelSize) -> tuple[tuple[int, int], ...]:
+    """(d_in, d_out) of a layer's linears: qkv, proj, fc1, fc2."""
+    h, f = size.hidden_size, size.ffn_hidden_size
+    qkv = h + 2 * h * size.query_groups // size.num_attention_heads
+    return (h, qkv), (h, h), (h, 2 * f if size.swiglu else f), (f, h)
 
 
 def sketch_flops_per_token(size: ModelSize, vocab: int, seq_length: int, dim: int) -> int:
@@ -38,11 +47,11 @@ def sketch_flops_per_token(size: ModelSize, vocab: int, seq_length: int, dim: in
     gradient (``2 w (d_in + d_out)``, w = k^2/q) and the block products (``2 k^2``)."""
     from blade_mega.sketch.sketcher import block_side
 
-    h, f = size.hidden_size, size.ffn_hidden_size
+    h = size.hidden_size
     layer_w = dim * dim // block_side(dim, False)
     output_w = dim * dim // block_side(dim, True)
-    linears = ((h, 3 * h), (h, h), (h, f), (f, h))  # (d_in, d_out): qkv, proj, fc1, fc2
-    per_layer = sum(2 * layer_w * (d_in + d_out) + 2 * dim * dim for d_in, d_out in linears)
+    per_layer = sum(2 * layer_w * (d_in + d_out) + 2 * dim * dim
+                    for d_in, d_out in linear_shapes(size))
     output = 2 * output_w * (h + vocab) + 2 * dim * dim
     return 2 * forward_flops_per_token(size, vocab, seq_length) + \
         size.num_layers * per_layer + output

@@ -221,7 +221,9 @@ class Trainer:
         self.log.write({"kind": "start", "iteration": 0, "device_path": path,
                         "world_size": torch.distributed.get_world_size(),
                         "tp": self.layout.tp, "pp": self.layout.pp, "dp": self.layout.dp,
-                        "selection": args.selection, "microbatches_per_step": self.num_microbatches})
+                        "selection": args.selection, "microbatches_per_step": self.num_microbatches,
+                        # what --reference-model auto resolved to
+                        "reference_model": args.reference_model})
         if args.load and not args.finetune:
             self.load()
         else:

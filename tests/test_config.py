@@ -134,3 +134,19 @@ def test_dry_run_rejects_a_layout_the_world_cannot_hold(base, capsys, monkeypatc
     assert code == 2
     [line] = err.splitlines()
     assert line.startswith("error: world size 6 is not divisible by tensor-model-parallel-size 4")
+
+
+@pytest.mark.parametrize("learner, extra, expected", [
+    ("tiny", [], "same"),              # nothing smaller: the same-size reference
+    ("demo", [], "tiny"),              # tiny costs 0.14x demo's transformer FLOPs per token
+    ("1.3b", ["--seq-length", "2048"], "125m"),  # 350m costs 0.29x: over the quarter
+    ("1.3b-llama", ["--seq-length", "2048"], "125m-llama"),  # the learner's family
+    ("demo", ["--pipeline-model-parallel-size", "4"], "same"),  # tiny's 2 layers cannot split 4
+    ("demo", ["--selection", "rho"], "same"),  # rho has no proxy pair
+    ("demo", ["--reference-model", "same"], "same"),  # an explicit choice is kept
+])
+def test_reference_model_auto_picks_the_largest_preset_within_a_quarter_of_the_cost(
+        demo_data, base, learner, extra, expected):
+    args = parse_args([*base, "--target-data-path", demo_data.target_prefix, "--selection",
+                       "blade", "--model-size", learner, *extra])
+    assert args.reference_model == expected

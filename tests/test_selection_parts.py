@@ -22,6 +22,11 @@ def test_forward_flops_match_a_hand_count():
     assert forward_flops_per_token(PRESETS["tiny"], 2048, 64) == 2 * 114688 + 262144
     # One layer, h 2, ffn 3, seq 5, vocab 7: 8*4 + 4*2*3 + 4*5*2 = 96, output 2*2*7 = 28.
     assert forward_flops_per_token(ModelSize(1, 2, 1, 3, 8), 7, 5) == 124
+    # Llama-style, h 4, 2 heads in 1 key/value group, SwiGLU ffn 3, seq 5, vocab 7: qkv
+    # 2*4*(4 + 2*2) = 64, proj 32, fc1 (gate and up) 2*4*6 = 48, fc2 24, scores 2*2*5*4 = 80;
+    # output 2*4*7 = 56.
+    llama = ModelSize(1, 4, 2, 3, 8, swiglu=True, num_query_groups=1)
+    assert forward_flops_per_token(llama, 7, 5) == 304
 
 
 def test_sketch_flops_add_projections_to_two_forwards():
