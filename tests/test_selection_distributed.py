@@ -459,3 +459,24 @@ def _resume_error(argv):
     except UserError as err:
         return str(err)
     return ""
+
+
+def test_resume_with_another_reference_model_names_the_fix(demo_data, tmp_path):
+    """A checkpoint saved with a proxy pair, resumed with the same-size reference and back:
+    each is one clear error, not a shape mismatch deep in DeepSpeed."""
+    saves = {}
+    for reference in ("tiny", "same"):
+        saves[reference] = str(tmp_path / reference)
+        run_distributed(pretrain_rank, 1, _argv(demo_data, "--train-iters", "2",
+                                                "--reference-model", reference,
+                                                "--save", saves[reference]), timeout=TIMEOUT)
+    with pytest.raises(RuntimeError, match="saved with a proxy pair .* resume with the "
+                                           "--reference-model preset"):
+        run_distributed(pretrain_rank, 1, _argv(demo_data, "--train-iters", "3",
+                                                "--reference-model", "same",
+                                                "--load", saves["tiny"]), timeout=TIMEOUT)
+    with pytest.raises(RuntimeError, match="proxy learner checkpoint missing.*resume with "
+                                           "--reference-model same"):
+        run_distributed(pretrain_rank, 1, _argv(demo_data, "--train-iters", "3",
+                                                "--reference-model", "tiny",
+                                                "--load", saves["same"]), timeout=TIMEOUT)

@@ -259,6 +259,16 @@ class ExcessLossSelector(SelectionHook):
         super().save_engines(directory)
 
     def load_engines(self, directory: str, load_optimizer: bool = True) -> None:
+        saved_proxy = os.path.isdir(os.path.join(directory, "proxy"))
+        if self.proxy is None and self.reference is not None and saved_proxy:
+            raise UserError(f"{directory}: saved with a proxy pair (it holds proxy/); resume "
+                            "with the --reference-model preset it was saved with (the start "
+                            "record of its train log names it)")
+        if self.proxy is not None and not saved_proxy:
+            raise UserError(f"{os.path.join(directory, 'proxy')}: proxy learner checkpoint "
+                            "missing: the run was saved with the same-size reference "
+                            "(the default before --reference-model auto); resume with "
+                            "--reference-model same")
         super().load_engines(directory, load_optimizer)
         if self.reference is not None:
             self.reference.load(directory, load_optimizer)
@@ -269,7 +279,7 @@ class ExcessLossSelector(SelectionHook):
                                                         load_lr_scheduler_states=False)
             if path is None:
                 raise UserError(f"{os.path.join(directory, 'proxy')}: proxy learner checkpoint "
-                                "missing; resume with the --reference-model it was saved with")
+                                "unreadable; resume from another checkpoint")
 
 
 class HighLossSelector(ExcessLossSelector):
