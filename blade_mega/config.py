@@ -166,9 +166,9 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
                         "cosine decay to --min-lr, peaking at this or --lr)")
     g.add_argument("--reference-model", default="auto",
                    help="blade's scorer: 'same' (w has the learner's architecture), a preset "
-                        "name (a small proxy pair u'/w' scores instead), or 'auto' (the largest "
-                        "preset of the learner's family costing at most a quarter of its "
-                        "transformer FLOPs per token, else 'same')")
+                        "name (a small proxy pair u'/w' scores instead), or 'auto' (the preset "
+                        "of the learner's family nearest 1/16 of its transformer FLOPs per "
+                        "token, at most 1/4; else 'same')")
     g.add_argument("--reference-offload", action="store_true",
                    help="keep the reference's optimizer state in host memory (ZeRO-Offload)")
     g.add_argument("--rho-ref-steps", type=int, default=None,
@@ -264,32 +264,37 @@ def model_size(args: argparse.Namespace) -> ModelSize:
     return ModelSize(**{**base.__dict__, **fields})
 
 
-# --reference-model auto picks a proxy pair costing at most this share of the learner's
-# transformer FLOPs per token. Measured (README, proxy pair; shares of transformer FLOPs): the
-# tiny pair at 0.14 of a demo learner reached uniform's final loss at 0.99x uniform's compute
-# where the same-size reference needed 1.84x, at 0.06 (4 x 192) at 0.78x, at 0.02 (6 x 256) at
-# 0.67-0.76x. Smaller proxies are cheaper; how small before they rank badly we have not seen.
-AUTO_PROXY_MAX_SHARE = 0.25
+# --reference-model auto aims the proxy pair at AUTO_PROXY_SHARE of the learner's transformer
+# FLOPs per token and never spends more than AUTO_PROXY_MAX_SHARE. Measured (README, proxy pair;
+# shares of transformer FLOPs): a proxy pair beat the same-size reference per FLOP at every share
+# we ran and scored as well at 0.02 as at 0.17 (6 x 256 learner: tiny 4.108, demo 4.110), while
+# its cost grows with the share: compute to uniform's final loss 0.67-0.76x at 0.02 (tiny for
+# 6 x 256), 0.78x at 0.06 (4 x 192), 0.99x at 0.14 (tiny for demo) and 0.99x at 0.17 (demo for
+# 6 x 256). How small a proxy can get before it ranks badly we have not seen.
+AUTO_PROXY_SHARE = 1 / 16
+AUTO_PROXY_MAX_SHARE = 1 / 4
 
 
 def auto_reference_model(args: argparse.Namespace, learner: ModelSize) -> str:
-    """What ``--reference-model auto`` means for this learner: the largest preset of its family
-    (same norm and MLP kind) that costs at most AUTO_PROXY_MAX_SHARE of its transformer FLOPs per
-    token and splits over the run's TP and PP like the learner; 'same' when none does (a learner
-    of tiny's size)."""
+    """What ``--reference-model auto`` means for this learner: among the presets of its family
+    (same norm and MLP kind) that cost at most AUTO_PROXY_MAX_SHARE of its transformer FLOPs per
+    token and split over the run's TP and PP like the learner, the one whose share is nearest
+    AUTO_PROXY_SHARE (by ratio); 'same' when none qualifies (a learner of tiny's size)."""
     from blade_mega.flops import forward_flops_per_token
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
 
-    def cost(size: ModelSize) -> int:  # the output layer's share depends on the vocab: left out
-        return forward_flops_per_token(size, 0, args.seq_length)
+    def share(size: ModelSize) -> float:  # the output layer depends on the vocab: left out
+        return (forward_flops_per_token(size, 0, args.seq_length)
+                / forward_flops_per_token(learner, 0, args.seq_length))
 
-    fits = [(cost(size), name) for name, size in PRESETS.items()
+    fits = [(abs(math.log(share(size) / AUTO_PROXY_SHARE)), name)
+            for name, size in PRESETS.items()
             if (size.normalization, size.swiglu) == (learner.normalization, learner.swiglu)
-            and cost(size) <= AUTO_PROXY_MAX_SHARE * cost(learner)
+            and share(size) <= AUTO_PROXY_MAX_SHARE
             and size.num_attention_heads % tp == 0 and size.query_groups % tp == 0
             and size.num_layers % pp == 0]
-    return max(fits)[1] if fits else "same"
+    return min(fits)[1] if fits else "same"
 
 
 def validate(args: argparse.Namespace) -> None:

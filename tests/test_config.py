@@ -138,14 +138,17 @@ def test_dry_run_rejects_a_layout_the_world_cannot_hold(base, capsys, monkeypatc
 
 @pytest.mark.parametrize("learner, extra, expected", [
     ("tiny", [], "same"),              # nothing smaller: the same-size reference
-    ("demo", [], "tiny"),              # tiny costs 0.14x demo's transformer FLOPs per token
+    ("demo", [], "tiny"),              # tiny: 0.15x demo's transformer FLOPs per token
+    # 6 x 256 (seq 256): tiny costs 0.030x, demo 0.19x; tiny is nearer 1/16 by ratio
+    ("demo", ["--num-layers", "6", "--hidden-size", "256", "--ffn-hidden-size", "1024"], "tiny"),
+    ("125m", [], "demo"),              # demo 0.012x, tiny 0.002x
     ("1.3b", ["--seq-length", "2048"], "125m"),  # 350m costs 0.29x: over the quarter
     ("1.3b-llama", ["--seq-length", "2048"], "125m-llama"),  # the learner's family
     ("demo", ["--pipeline-model-parallel-size", "4"], "same"),  # tiny's 2 layers cannot split 4
     ("demo", ["--selection", "rho"], "same"),  # rho has no proxy pair
     ("demo", ["--reference-model", "same"], "same"),  # an explicit choice is kept
 ])
-def test_reference_model_auto_picks_the_largest_preset_within_a_quarter_of_the_cost(
+def test_reference_model_auto_picks_the_preset_nearest_a_sixteenth_of_the_cost(
         demo_data, base, learner, extra, expected):
     args = parse_args([*base, "--target-data-path", demo_data.target_prefix, "--selection",
                        "blade", "--model-size", learner, *extra])
