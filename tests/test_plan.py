@@ -30,7 +30,9 @@ CLUSTER = ["--model-size", "1.3b", "--seq-length", "2048", "--tensor-model-paral
 def test_a_64_gpu_layout_is_planned_from_one_process(base, capsys, monkeypatch):
     for name in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    code, out, err = run_main([*base, *CLUSTER, "--reference-offload"], capsys)
+    # A same-size reference (auto would pick a 125m proxy pair): the case offload is for.
+    code, out, err = run_main([*base, *CLUSTER, "--reference-model", "same", "--reference-offload"],
+                              capsys)
     assert code == 0, err
     lines = out.splitlines()
     assert any("64 ranks = TP 2 x PP 2 x DP 16; 4 micro-batches per step" in line for line in lines)
@@ -52,6 +54,17 @@ def test_a_64_gpu_layout_is_planned_from_one_process(base, capsys, monkeypatch):
     acts = figures["bytes_per_rank"]["activations"]["per_microbatch"]
     assert acts["full"] < acts["selective"] < acts["none"]
     assert figures["bytes_per_rank"]["total_device"] > 2 * 2 * busiest
+
+
+def test_the_default_reference_for_a_1_3b_learner_is_a_125m_proxy_pair_in_the_plan(base, capsys):
+    code, out, err = run_main([*base, *CLUSTER], capsys)
+    assert code == 0, err
+    figures = json.loads(out.splitlines()[-1])
+    params = figures["parameters_per_rank"]
+    assert set(params) == {"learner", "proxy", "proxy_reference"}
+    assert params["proxy"] == params["proxy_reference"]
+    # 125m is ~1/12 of 1.3b per rank (embeddings included): far below the learner, not tiny.
+    assert 0.03 < sum(params["proxy"]) / sum(params["learner"]) < 0.2
 
 
 @pytest.mark.parametrize("flags, message", [
