@@ -268,7 +268,7 @@ def model_size(args: argparse.Namespace) -> ModelSize:
 # FLOPs per token and never spends more than AUTO_PROXY_MAX_SHARE. Measured (README, proxy pair;
 # shares of transformer FLOPs): a proxy pair beat the same-size reference per FLOP at every share
 # we ran and scored as well at 0.02 as at 0.17 (6 x 256 learner: tiny 4.108, demo 4.110), while
-# its cost grows with the share: compute to uniform's final loss 0.67-0.76x at 0.02 (tiny for
+# its cost grows with the share: compute to uniform's final loss 0.65-0.68x at 0.02 (tiny for
 # 6 x 256), 0.78x at 0.06 (4 x 192), 0.99x at 0.14 (tiny for demo) and 0.99x at 0.17 (demo for
 # 6 x 256). How small a proxy can get before it ranks badly we have not seen.
 AUTO_PROXY_SHARE = 1 / 16
