@@ -1,5 +1,5 @@
 """End-to-end demo: stdlib corpus -> tokenizer -> indexed datasets -> pretrain blade vs uniform
-on CPU ranks -> HTML report.  ``make demo`` runs it: 3.7 minutes on 2 idle cores (as the README
+on CPU ranks -> HTML report.  ``make demo`` runs it: 5.1 minutes on 2 idle cores (as the README
 says), longer when other jobs share them.
 
 Examples:
