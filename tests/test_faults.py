@@ -42,10 +42,11 @@ def torchrun(ranks: int = 2) -> list[str]:
 
 def torchrun_with_rank_logs(log_dir: str, ranks: int = 2) -> list[str]:
     """torchrun with each rank's stderr in its own file (see ``rank_stderr``).  The agent polls
-    every 3 s instead of 0.1 s: when a rank dies, it SIGTERMs the survivors on its next poll, and
-    a survivor needs a moment to print its error line first."""
+    every 10 s instead of 0.1 s: when a rank dies, it SIGTERMs the survivors on its next poll, and
+    a survivor must first reach its next collective and print its error line (3 s was once too
+    short on 2 busy cores: the agent's poll came 1 s after the kill)."""
     launcher = torchrun(ranks)
-    launcher[1:1] = ["--log-dir", log_dir, "--redirects", "2", "--monitor-interval", "3"]
+    launcher[1:1] = ["--log-dir", log_dir, "--redirects", "2", "--monitor-interval", "10"]
     return launcher
 
 
