@@ -7,6 +7,7 @@ import math
 import os
 import random
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -42,8 +43,19 @@ def launcher_env(**extra) -> dict:
 
 
 def run_script(script: str, args, env: dict, timeout: float = RUN_TIMEOUT, cwd=None):
-    return subprocess.run([os.path.join(LAUNCH, script), *args], env=env, cwd=cwd or REPO,
-                          capture_output=True, text=True, timeout=timeout)
+    # Its own session, so that a hang kills the launcher's ranks too (killing the launcher alone
+    # leaves them holding the pipes), and the failure shows what the run printed before it hung.
+    job = subprocess.Popen([os.path.join(LAUNCH, script), *args], env=env, cwd=cwd or REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        stdout, stderr = job.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        stdout, stderr = job.communicate()
+        pytest.fail(f"{script} did not finish in {timeout:.0f} s; it printed:\n"
+                    f"{stdout[-2000:]}\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(job.args, job.returncode, stdout, stderr)
 
 
 def data_flags(demo_data) -> list[str]:
