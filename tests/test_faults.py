@@ -43,8 +43,8 @@ def torchrun(ranks: int = 2) -> list[str]:
 def torchrun_with_rank_logs(log_dir: str, ranks: int = 2) -> list[str]:
     """torchrun with each rank's stderr in its own file (see ``rank_stderr``).  The agent polls
     every 10 s instead of 0.1 s: when a rank dies, it SIGTERMs the survivors on its next poll, and
-    a survivor must print its error line first (even at 10 s a poll once came 1.5 s after the
-    kill, before the survivor reached its collective: see ``stop_first_s``)."""
+    a survivor must first reach its next collective and print its error line (3 s was once too
+    short on 2 busy cores: the agent's poll came 1 s after the kill)."""
     launcher = torchrun(ranks)
     launcher[1:1] = ["--log-dir", log_dir, "--redirects", "2", "--monitor-interval", "10"]
     return launcher
@@ -140,14 +140,10 @@ def running(pid: int) -> bool:
 
 
 def kill_rank_mid_run(launcher: list[str], flags: list[str], log_path: str, after_iteration: int,
-                      rank: int = 1, sig=signal.SIGKILL, kill_once_alone: bool = False,
-                      stop_first_s: float = 0.0) -> dict:
+                      rank: int = 1, sig=signal.SIGKILL, kill_once_alone: bool = False) -> dict:
     """Start the job, wait until the log shows ``after_iteration``, send ``sig`` to one rank.
     ``kill_once_alone``: SIGKILL that rank as soon as all the others have exited (for SIGSTOP:
     what the launchers do 30 s later).
-    ``stop_first_s``: SIGSTOP the rank that long before ``sig``, so that the others already wait
-    in a collective when it dies and fail at once, not when they next reach one (which races the
-    launcher's SIGTERM to them on 2 busy cores).
     Returns the exit status, seconds from the signal to the job's exit, and the log so far."""
     job = subprocess.Popen(launcher + flags, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                            env=env(), start_new_session=True)
@@ -159,9 +155,6 @@ def kill_rank_mid_run(launcher: list[str], flags: list[str], log_path: str, afte
             time.sleep(0.05)
         ranks = worker_pids(job.pid)
         assert sorted(ranks) == list(range(len(ranks))) and rank in ranks, ranks
-        if stop_first_s:
-            os.kill(ranks[rank], signal.SIGSTOP)
-            time.sleep(stop_first_s)
         os.kill(ranks[rank], sig)
         signalled = time.monotonic()
         while kill_once_alone and any(running(pid) for r, pid in ranks.items() if r != rank):
@@ -208,7 +201,7 @@ def killed_under_torchrun(demo_data, tmp_path_factory):
                         "--keep-checkpoints", "3")
     rank_logs = os.path.join(workdir, "rank_logs")
     outcome = kill_rank_mid_run(torchrun_with_rank_logs(rank_logs), flags,
-                                os.path.join(workdir, "log.jsonl"), 12, stop_first_s=3.0)
+                                os.path.join(workdir, "log.jsonl"), 12)
     return {**outcome, "save": save, "workdir": workdir,
             "survivor_stderr": rank_stderr(rank_logs, 0)}
 
