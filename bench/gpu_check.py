@@ -42,7 +42,7 @@ def build_data(root: str) -> dict:
     from blade_mega.data.demo_corpus import build_demo_corpus, write_demo_corpus
     from blade_mega.data.inputs import iter_texts
     from blade_mega.data.preprocess import dataset_prefix, preprocess
-    from blade_mega.tokenizer import train_tokenizer
+    from blade_mega.data.tokenizer import train_tokenizer
 
     corpus = os.path.join(root, "corpus")
     splits, labels = build_demo_corpus(size_mb=4.0, noise_rate=0.5, seed=0)
@@ -89,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from blade_mega.model import PRESETS, count_parameters
+    from blade_mega.engine.model import PRESETS, count_parameters
 
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run it on a machine with NVIDIA GPUs",

@@ -36,9 +36,9 @@ def _rss() -> int:
 def build_in_rank(preset: str, tp: int) -> dict:
     from megatron.core import tensor_parallel
 
-    from blade_mega import cpu_compat
-    from blade_mega.model import PRESETS, build_gpt, padded_vocab_size
-    from blade_mega.parallel import init_distributed, shutdown
+    from blade_mega.engine import cpu_compat
+    from blade_mega.engine.model import PRESETS, build_gpt, padded_vocab_size
+    from blade_mega.engine.parallel import init_distributed, shutdown
 
     cpu_compat.install()
     init_distributed(tp, 1)

@@ -24,7 +24,7 @@ from typing import Dict, List
 
 from blade_mega.prepare.demo_corpus import build_demo_corpus, write_demo_corpus
 from blade_mega.prepare.inputs import iter_texts
-from blade_mega.tokenizer import train_tokenizer
+from blade_mega.data.tokenizer import train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SPEEDUP_GOAL = 1.7

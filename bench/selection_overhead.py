@@ -13,7 +13,7 @@ work beyond model passes (see bench/sketch.py), so its ratio is reported but not
     python bench/selection_overhead.py
     python bench/selection_overhead.py --model-size tiny --steps 20     # quick
 
-"analytic" is the run's own FLOP counter (blade_mega/flops.py: every role, sketch projections
+"analytic" is the run's own FLOP counter (blade_mega/train/flops.py: every role, sketch projections
 included) over its learner FLOPs in the timed windows; "analytic_passes" the model-pass formula.
 
 Last line: one JSON object. Goal: measured/analytic <= 1.15 for every method.

@@ -19,7 +19,7 @@ modules, continued on a pool where the target domain, GUI code: idlelib/tkinter/
 a minority among other packages and noise; "noise share" is then the off-target share).
 
 Beside steps, every method reports the *compute* it needs to reach uniform's final test loss:
-analytic FLOPs of all roles (blade_mega/flops.py: learner, scoring, reference/proxy, sketches)
+analytic FLOPs of all roles (blade_mega/train/flops.py: learner, scoring, reference/proxy, sketches)
 at that point over uniform's total, and the wall-time version (share of steps x median step
 time over uniform's).  Settings are to be chosen on ``selection_loss`` (domain-shift: a separate
 target-domain split; other regimes: V), never on the test loss.
@@ -63,7 +63,7 @@ def build_data(directory: str, size_mb: float, vocab: int) -> dict:
     from blade_mega.prepare.demo_corpus import build_demo_corpus, write_demo_corpus
     from blade_mega.prepare.inputs import iter_texts
     from blade_mega.prepare.preprocess import dataset_prefix, meta_path, preprocess
-    from blade_mega.tokenizer import train_tokenizer
+    from blade_mega.data.tokenizer import train_tokenizer
 
     paths = {"tokenizer": os.path.join(directory, "tokenizer.model")}
     for split in ("pool", "target", "test"):
@@ -99,7 +99,7 @@ def build_domain_shift_data(directory: str, size_mb: float, vocab: int, noise_ra
                                                 write_demo_corpus)
     from blade_mega.prepare.inputs import iter_texts
     from blade_mega.prepare.preprocess import dataset_prefix, meta_path, preprocess
-    from blade_mega.tokenizer import train_tokenizer
+    from blade_mega.data.tokenizer import train_tokenizer
 
     splits = ("base", "pool", "target", "select", "test")
     paths = {"tokenizer": os.path.join(directory, "tokenizer.model")}

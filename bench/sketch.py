@@ -42,9 +42,9 @@ def sent_bytes_per_candidate(num_slots: int, k: int, block: int, mp: int, dp: in
 def _bench_rank(argv: list[str], repeats: int) -> dict:
     import torch
 
-    from blade_mega import cpu_compat, parallel
+    from blade_mega.engine import cpu_compat, parallel
     from blade_mega.config import parse_args
-    from blade_mega.engine import split_microbatches
+    from blade_mega.engine.model_engine import split_microbatches
     from blade_mega.pretrain import Trainer
 
     cpu_compat.install()
@@ -86,7 +86,7 @@ def _bench_rank(argv: list[str], repeats: int) -> dict:
 
 
 def main() -> None:
-    from blade_mega.model import PRESETS, count_parameters
+    from blade_mega.engine.model import PRESETS, count_parameters
     from blade_mega.testing import run_distributed
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -69,7 +69,7 @@ def bench_rank(argv: list[str]) -> dict:
 
     import torch
 
-    from blade_mega import cpu_compat, parallel
+    from blade_mega.engine import cpu_compat, parallel
     from blade_mega.config import parse_args
     from blade_mega.pretrain import Trainer
 

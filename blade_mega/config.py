@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 from blade_mega.errors import UserError
-from blade_mega.model import PRESETS, ModelSize
+from blade_mega.engine.model import PRESETS, ModelSize
 
 SELECTIONS = ("uniform", "highloss", "rho", "blade", "sketch-influence")
 
@@ -23,7 +23,7 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
         description="Pretrain a Megatron-Core GPT with DeepSpeed ZeRO and online data selection.")
     p.add_argument("--config", help="YAML file of flag values (keys as flags, - or _); flags win")
     # The deepspeed launcher appends --local_rank unless given --no_local_rank; ranks come from
-    # the environment (blade_mega/parallel.py), so it is accepted and ignored.
+    # the environment (blade_mega/engine/parallel.py), so it is accepted and ignored.
     p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, parallel layout and memory plan, then exit")
@@ -280,7 +280,7 @@ def auto_reference_model(args: argparse.Namespace, learner: ModelSize) -> str:
     (same norm and MLP kind) that cost at most AUTO_PROXY_MAX_SHARE of its transformer FLOPs per
     token and split over the run's TP and PP like the learner, the one whose share is nearest
     AUTO_PROXY_SHARE (by ratio); 'same' when none qualifies (a learner of tiny's size)."""
-    from blade_mega.flops import forward_flops_per_token
+    from blade_mega.train.flops import forward_flops_per_token
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
 
@@ -359,7 +359,7 @@ def validate(args: argparse.Namespace) -> None:
 
 def resolve_device_flags(args: argparse.Namespace) -> None:
     """bf16 by default with CUDA (--fp32 opts out); recompute flags as Megatron-LM checks them."""
-    from blade_mega.cpu_compat import cuda_available
+    from blade_mega.engine.cpu_compat import cuda_available
 
     if args.fp32 and args.bf16:
         raise UserError("--bf16 and --fp32 contradict each other; give one")

@@ -33,12 +33,13 @@ from blade_mega import quiet  # first: its filters must be in place before megat
 
 quiet.install()
 
-from blade_mega import checkpoint, cpu_compat  # noqa: E402
+from blade_mega.engine import cpu_compat  # noqa: E402
+from blade_mega.train import checkpoint  # noqa: E402
 from blade_mega.config import check_layout, model_size, parse_args  # noqa: E402
-from blade_mega.cpu_compat import cuda_available  # noqa: E402
+from blade_mega.engine.cpu_compat import cuda_available  # noqa: E402
 from blade_mega.errors import UserError, run_cli  # noqa: E402
-from blade_mega.flops import TRAIN, FlopCounter  # noqa: E402
-from blade_mega.metrics import MetricsLog, peak_rss_bytes, process_age_s, progress  # noqa: E402
+from blade_mega.train.flops import TRAIN, FlopCounter  # noqa: E402
+from blade_mega.train.metrics import MetricsLog, peak_rss_bytes, process_age_s, progress  # noqa: E402
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -48,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 def tokenizer(args: argparse.Namespace):
     """The tokenizer (or, with --vocab-size only, what megatron.core's datasets read of one)."""
     if args.tokenizer_model:
-        from blade_mega.tokenizer import Tokenizer
+        from blade_mega.data.tokenizer import Tokenizer
 
         return Tokenizer.load(args.tokenizer_model)
     from blade_mega.data.streams import VocabOnly
@@ -63,8 +64,8 @@ def vocab_size(args: argparse.Namespace) -> int:
 def dry_run(args: argparse.Namespace) -> None:
     """The resolved config, layout and memory plan; no process group, no data read. The world
     is ``--world-size`` (plan a cluster run from a laptop) or the launcher's."""
-    from blade_mega import device_path, ds_config, plan
-    from blade_mega.parallel import discover_process
+    from blade_mega.engine import device_path, ds_config, plan
+    from blade_mega.engine.parallel import discover_process
 
     proc = discover_process()
     world_size = args.world_size or proc.world_size
@@ -83,7 +84,7 @@ def pretrain(args: argparse.Namespace) -> int:
     if args.dry_run:
         dry_run(args)
         return 0
-    from blade_mega import parallel
+    from blade_mega.engine import parallel
 
     cpu_compat.install()
     trainer = None
@@ -136,13 +137,13 @@ class Trainer:
     def _build(self, args: argparse.Namespace, layout) -> None:
         from megatron.core import parallel_state, tensor_parallel
 
-        from blade_mega import device_path, ds_config, plan
+        from blade_mega.engine import device_path, ds_config, plan
         from blade_mega.data.block_sampler import CandidateBlockSampler
         from blade_mega.data.prefetch import Prefetcher
         from blade_mega.data.streams import build_streams
-        from blade_mega.engine import check_zero_schedule
+        from blade_mega.engine.model_engine import check_zero_schedule
         from blade_mega.config import selection_config
-        from blade_mega.model import padded_vocab_size
+        from blade_mega.engine.model import padded_vocab_size
         from blade_mega.selection import make_hook
         from blade_mega.selection.base import ProcessGroups, SelectionContext
         from blade_mega.selection.record import SelectionRecord, load_noise_labels
@@ -176,7 +177,7 @@ class Trainer:
             pp_size=parallel_state.get_pipeline_model_parallel_world_size())
         record = SelectionRecord(self.train_data,
                                  *load_noise_labels(args.noise_labels, self.train_data))
-        # Analytic FLOPs by role (blade_mega/flops.py), over the padded vocab the model computes.
+        # Analytic FLOPs by role (blade_mega/train/flops.py), over the padded vocab the model computes.
         self.flops = FlopCounter(padded_vocab_size(self.vocab, layout.tp,
                                                    args.make_vocab_size_divisible_by),
                                  args.seq_length)
@@ -196,9 +197,9 @@ class Trainer:
         self.saved_iteration = -1  # the iteration whose checkpoint is already in --save
 
     def build_engine(self, size, offload: bool):
-        from blade_mega import ds_config
-        from blade_mega.engine import ModelEngine, initialize_engine
-        from blade_mega.model import build_gpt, padded_vocab_size, speed_options
+        from blade_mega.engine import ds_config
+        from blade_mega.engine.model_engine import ModelEngine, initialize_engine
+        from blade_mega.engine.model import build_gpt, padded_vocab_size, speed_options
 
         args = self.args
         vocab = padded_vocab_size(self.vocab, self.layout.tp, args.make_vocab_size_divisible_by)
@@ -210,9 +211,9 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> int:
-        from blade_mega.engine import learning_rate
+        from blade_mega.engine.model_engine import learning_rate
 
-        from blade_mega import device_path
+        from blade_mega.engine import device_path
 
         args = self.args
         path = device_path.detect().describe(args.bf16)
@@ -376,7 +377,7 @@ class Trainer:
 
 def eval_loss(learner, windows, count: int, groups) -> float:
     """Mean token loss over a fixed set of ``count`` samples (the same at every evaluation)."""
-    from blade_mega.engine import comm_device
+    from blade_mega.engine.model_engine import comm_device
 
     per_rank_unit = groups.dp_size * learner.micro_batch_size
     count = max(per_rank_unit, (count // per_rank_unit) * per_rank_unit)

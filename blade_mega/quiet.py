@@ -2,7 +2,7 @@
 
 Megatron-Core warns at import that Apex and Transformer Engine are missing (six lines on a CPU
 machine), DeepSpeed that it fell back to its CPU accelerator: neither changes what the run
-does, and the device path line (blade_mega/device_path.py) says what is used.  ``BLADE_DEBUG=1``
+does, and the device path line (blade_mega/engine/device_path.py) says what is used.  ``BLADE_DEBUG=1``
 keeps every warning.  Our own warnings (blade_mega.*) are never filtered.
 """
 

@@ -99,7 +99,7 @@ def trainer_in_rank(argv: list[str], tp: int = 1, pp: int = 1):
     from megatron.core import parallel_state
 
     from blade_mega.config import parse_args
-    from blade_mega.parallel import Layout
+    from blade_mega.engine.parallel import Layout
     from blade_mega.pretrain import Trainer
 
     current = ((parallel_state.get_tensor_model_parallel_world_size(),

@@ -21,7 +21,7 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR",
 from blade_mega.prepare.demo_corpus import build_demo_corpus, write_demo_corpus
 from blade_mega.prepare.preprocess import dataset_prefix, meta_path, preprocess
 from blade_mega.prepare.inputs import iter_texts
-from blade_mega.tokenizer import train_tokenizer
+from blade_mega.data.tokenizer import train_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_META_KEYS = ("id", "module", "noise")
@@ -199,13 +199,13 @@ def _layout_logits(module, tokens):
 def _train_save_and_probe(argv):
     """One rank: train and save a checkpoint; return the probe's logits (last stage, TP rank 0)
     and the names whose weights differ between the trained module and this rank's shard of the
-    checkpoint as blade_mega.model_weights gathers it (none, if gathering is exact)."""
+    checkpoint as blade_mega.train.model_weights gathers it (none, if gathering is exact)."""
     import torch
     from megatron.core import parallel_state
 
-    from blade_mega import cpu_compat, parallel
+    from blade_mega.engine import cpu_compat, parallel
     from blade_mega.config import parse_args
-    from blade_mega.model_weights import read_checkpoint, shard_for
+    from blade_mega.train.model_weights import read_checkpoint, shard_for
     from blade_mega.pretrain import Trainer
 
     args = parse_args(argv)

@@ -27,8 +27,8 @@ def _built(cases: dict) -> dict:
     """One rank: build each case's GPT and describe its config and modules."""
     from megatron.core import tensor_parallel
 
-    from blade_mega import cpu_compat, parallel
-    from blade_mega.model import build_gpt
+    from blade_mega.engine import cpu_compat, parallel
+    from blade_mega.engine.model import build_gpt
 
     parallel.init_distributed(1, 1, 1.0)
     cpu_compat.install()

@@ -8,7 +8,7 @@ import pytest
 from blade_mega.data.block_sampler import CandidateBlockSampler
 from blade_mega.data.sample_index import DataSpec, SampleIndex, build_sample_indices
 from blade_mega.data.sidecar import Sidecar
-from blade_mega.tokenizer import Tokenizer
+from blade_mega.data.tokenizer import Tokenizer
 
 SEQ = 64
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from blade_mega.cpu_compat import CpuRNGStatesTracker
+from blade_mega.engine.cpu_compat import CpuRNGStatesTracker
 from blade_mega.testing import free_port
 
 PATCHED_MODULES = ["megatron.core.models.common.embeddings.rotary_pos_embedding",
@@ -25,7 +25,7 @@ import json, sys, torch
 import megatron.core.pipeline_parallel  # import everything install() may touch, before it runs
 import megatron.core.models.gpt
 from megatron.core.tensor_parallel import random as tp_random
-from blade_mega import cpu_compat
+from blade_mega.engine import cpu_compat
 
 def snapshot():
     names = {name: id(vars(mod).get("torch")) for name, mod in list(sys.modules.items())
@@ -50,7 +50,7 @@ from datetime import timedelta
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
-from blade_mega.model import CpuDotProductAttention
+from blade_mega.engine.model import CpuDotProductAttention
 
 torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{sys.argv[2]}",
                                      rank=0, world_size=1, timeout=timedelta(seconds=60))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from blade_mega import device_path
+from blade_mega.engine import device_path
 from blade_mega.testing import pretrain_rank, run_distributed
 
 pytestmark = pytest.mark.cuda
@@ -26,7 +26,7 @@ def train(demo_data, tmp_path, ranks: int, *flags: str) -> list[dict]:
 
 
 def test_cuda_path_bf16_by_default_and_cpu_layer_inert(demo_data):
-    from blade_mega import cpu_compat, device_path
+    from blade_mega.engine import cpu_compat, device_path
     from blade_mega.config import parse_args
 
     path = device_path.detect()

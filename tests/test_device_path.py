@@ -4,9 +4,9 @@ CUDA, --fp32, recompute, sequence parallelism)."""
 
 import pytest
 
-from blade_mega import device_path, model
+from blade_mega.engine import device_path, model
 from blade_mega.config import parse_args
-from blade_mega.device_path import FUSION_FIELDS, choose
+from blade_mega.engine.device_path import FUSION_FIELDS, choose
 from blade_mega.errors import UserError
 
 ON = {"bias_activation_fusion", "bias_dropout_fusion"}
@@ -71,7 +71,7 @@ def base() -> list[str]:
 
 def test_bf16_is_the_default_with_cuda_and_fp32_opts_out(monkeypatch, base):
     assert parse_args(base).bf16 is False  # CPU: fp32, as before
-    monkeypatch.setattr("blade_mega.cpu_compat.cuda_available", lambda: True)
+    monkeypatch.setattr("blade_mega.engine.cpu_compat.cuda_available", lambda: True)
     assert parse_args(base).bf16 is True
     assert parse_args([*base, "--fp32"]).bf16 is False
     with pytest.raises(UserError, match="--bf16 and --fp32 contradict"):

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from blade_mega import ds_config
+from blade_mega.engine import ds_config
 from blade_mega.config import parse_args
 from blade_mega.errors import UserError
 from blade_mega.pretrain import main

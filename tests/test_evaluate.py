@@ -52,7 +52,7 @@ def _write_dataset(prefix, documents, labels=None):
 def datasets(demo_data, tmp_path_factory):
     """``two``: 70 and 33 tokens (EOD included) of non-ASCII text; ``labelled``: six short
     documents, three labelled clean and three noise."""
-    from blade_mega.tokenizer import Tokenizer
+    from blade_mega.data.tokenizer import Tokenizer
 
     tok = Tokenizer.load(demo_data.tokenizer_model)
     root = tmp_path_factory.mktemp("eval_data")

@@ -68,7 +68,7 @@ def test_keep_padded_vocab_exports_every_row(llama_checkpoints, tmp_path):
 
 
 def test_autotokenizer_round_trips_our_tokenizer(exported, demo_data):
-    from blade_mega.tokenizer import Tokenizer
+    from blade_mega.data.tokenizer import Tokenizer
 
     ours = Tokenizer.load(demo_data.tokenizer_model)
     theirs = transformers.AutoTokenizer.from_pretrained(exported["tp2"][0], local_files_only=True)

@@ -7,7 +7,7 @@ import numpy
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from blade_mega.prepare.inspect import verify
+from blade_mega.data.index_check import verify
 from blade_mega.data.sidecar import Sidecar
 from conftest import assert_user_error, run_tool
 

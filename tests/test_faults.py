@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from blade_mega import checkpoint
+from blade_mega.train import checkpoint
 from blade_mega.prepare.preprocess import preprocess
 from blade_mega.errors import UserError, run_cli
 from blade_mega.testing import free_port
@@ -465,8 +465,8 @@ def test_nonfinite_losses_stop_with_the_last_good_state_saved(demo_data, tmp_pat
 def _steps_with_and_without_a_bad_one(argv: list[str]) -> dict:
     """One DP rank of a ZeRO-2 run: a learner steps good, NaN, good; a twin steps good, good.
     Returns whether their weights, fp32 master partitions and Adam moments are bit-identical."""
-    from blade_mega import cpu_compat, parallel
-    from blade_mega.engine import split_microbatches
+    from blade_mega.engine import cpu_compat, parallel
+    from blade_mega.engine.model_engine import split_microbatches
     from blade_mega.testing import trainer_in_rank
 
     cpu_compat.install()

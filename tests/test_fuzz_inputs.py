@@ -14,12 +14,13 @@ import shutil
 import numpy as np
 import pytest
 
-from blade_mega.prepare.inspect import summarize, verify
+from blade_mega.data.index_check import verify
+from blade_mega.prepare.inspect import summarize
 from blade_mega.prepare.preprocess import dataset_prefix, preprocess
 from blade_mega.data.sample_index import DataSpec, build_sample_indices
 from blade_mega.prepare.inspect import load as open_indexed
 from blade_mega.errors import UserError
-from blade_mega.tokenizer import Tokenizer
+from blade_mega.data.tokenizer import Tokenizer
 
 SEQ = 16
 VOCAB = 2000

@@ -18,9 +18,9 @@ def build_and_record(tp: int, options: dict) -> dict:
 
     from megatron.core import parallel_state, tensor_parallel
 
-    from blade_mega import cpu_compat
-    from blade_mega.model import PRESETS, build_gpt
-    from blade_mega.parallel import init_distributed, shutdown
+    from blade_mega.engine import cpu_compat
+    from blade_mega.engine.model import PRESETS, build_gpt
+    from blade_mega.engine.parallel import init_distributed, shutdown
 
     cpu_compat.install()
     init_distributed(tp, 1)

@@ -6,9 +6,10 @@ import struct
 import numpy
 import pytest
 
-from blade_mega.prepare.inspect import document_tokens, summarize, verify
+from blade_mega.data.index_check import verify
+from blade_mega.prepare.inspect import document_tokens, summarize
 from blade_mega.errors import UserError
-from blade_mega.tokenizer import Tokenizer
+from blade_mega.data.tokenizer import Tokenizer
 from conftest import assert_user_error, run_tool, run_tool_in_subprocess
 
 HEADER_SIZE = 34  # magic 9, version 8, dtype 1, sequence count 8, document count 8

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from blade_mega.parallel import discover_process
+from blade_mega.engine.parallel import discover_process
 from blade_mega.testing import free_port
 from conftest import REPO
 

@@ -1,4 +1,4 @@
-"""blade_mega/peers.py on a real TCPStore, ranks as threads: heartbeats name the rank that
+"""blade_mega/engine/peers.py on a real TCPStore, ranks as threads: heartbeats name the rank that
 stopped answering, ranks that failed themselves are not blamed, a dead store is told apart,
 and of the ranks failing alike only the lowest prints."""
 
@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from blade_mega import peers as peers_module
-from blade_mega.peers import Peers
+from blade_mega.engine import peers as peers_module
+from blade_mega.engine.peers import Peers
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from blade_mega import plan
+from blade_mega.engine import plan
 from blade_mega.config import parse_args
 from blade_mega.pretrain import vocab_size
 from blade_mega.testing import run_distributed, trainer_in_rank
@@ -90,7 +90,7 @@ def measure(argv: list[str], tp: int, pp: int) -> dict:
     import torch
     from megatron.core import parallel_state
 
-    from blade_mega import cpu_compat, parallel
+    from blade_mega.engine import cpu_compat, parallel
 
     cpu_compat.install()
     parallel.init_distributed(tp, pp)

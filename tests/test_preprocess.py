@@ -10,7 +10,7 @@ from blade_mega.prepare import preprocess as preprocess_module
 from blade_mega.prepare.inputs import RawRecord
 from blade_mega.prepare.preprocess import choose_dtype, preprocess
 from blade_mega.errors import UserError
-from blade_mega.tokenizer import Tokenizer
+from blade_mega.data.tokenizer import Tokenizer
 from conftest import assert_user_error, run_tool, run_tool_in_subprocess
 
 with warnings.catch_warnings():

@@ -136,7 +136,7 @@ def _replay_case(argv):
     if "token" not in argv:
         # lambda enters the reference loss: the gradient of one reference step's objective at
         # lambda 1.3 minus at 0 is 1.3 x the gradient of L_train(alpha) alone.
-        from blade_mega.engine import split_microbatches
+        from blade_mega.engine.model_engine import split_microbatches
         from blade_mega.selection.reference import ReplayBatch
 
         ref = trainer.hook.reference
@@ -293,7 +293,7 @@ def _from_queue(value):
 
 
 def _rule_rank(argv):
-    from blade_mega import cpu_compat, parallel
+    from blade_mega.engine import cpu_compat, parallel
 
     cpu_compat.install()
     parallel.init_distributed(1, 1)
@@ -322,7 +322,7 @@ def runs(demo_data):
 # -- the reference's K steps --------------------------------------------------------------------
 def _rule(sync_step):
     """(learner step replayed, learning rate) of each reference step of the replay cases."""
-    from blade_mega.engine import learning_rate
+    from blade_mega.engine.model_engine import learning_rate
 
     if sync_step == 1:  # first sync: K0 = 3 steps, replay = [step 0]; its own LR schedule
         return [(0, learning_rate(j, lr=3e-3, min_lr=1e-4, warmup_steps=1, total_steps=3))
@@ -402,15 +402,15 @@ def test_partial_sync_blends_weights_then_trains(runs):
 
 # -- compute accounting -------------------------------------------------------------------------
 def _forward(samples, size=None):
-    from blade_mega.flops import forward_flops_per_token
-    from blade_mega.model import PRESETS
+    from blade_mega.train.flops import forward_flops_per_token
+    from blade_mega.engine.model import PRESETS
 
     return samples * 64 * forward_flops_per_token(size or PRESETS["tiny"], 2048, 64)
 
 
 def test_flop_counter_equals_a_hand_count_for_each_method(runs):
-    from blade_mega.flops import sketch_flops_per_token
-    from blade_mega.model import PRESETS
+    from blade_mega.train.flops import sketch_flops_per_token
+    from blade_mega.engine.model import PRESETS
 
     f = _forward
     learner = lambda steps, batch=8: 3 * f(steps * batch)  # noqa: E731

@@ -10,8 +10,8 @@ import subprocess
 import pytest
 
 from blade_mega.errors import UserError
-from blade_mega.metrics import MetricsLog
-from blade_mega.report import (load_run, load_runs, mean_over_steps, read_jsonl, series,
+from blade_mega.train.metrics import MetricsLog
+from blade_mega.report.run_report import (load_run, load_runs, mean_over_steps, read_jsonl, series,
                                summarize, sync_iterations, write_report)
 from conftest import assert_user_error, run_tool
 

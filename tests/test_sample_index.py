@@ -13,7 +13,7 @@ from blade_mega.data.prefetch import Prefetcher
 from blade_mega.data.sample_index import DataSpec, build_sample_indices
 from blade_mega.errors import UserError
 from blade_mega.prepare.preprocess import dataset_prefix, preprocess
-from blade_mega.tokenizer import Tokenizer
+from blade_mega.data.tokenizer import Tokenizer
 
 SEQ = 64
 

@@ -39,7 +39,7 @@ def _trainer(argv, tp=1, pp=1):
 
 def _direct_token_losses(module, samples):
     """Per-token cross-entropy from the full logits of a TP1/PP1 GPTModel forward."""
-    from blade_mega.model import padded_vocab_size
+    from blade_mega.engine.model import padded_vocab_size
 
     tokens, labels = samples[:, :-1], samples[:, 1:]
     positions = torch.arange(tokens.size(1)).expand_as(tokens)
@@ -154,7 +154,7 @@ def _nan_checks(argv):
 
 
 def _selection_rank(argv):
-    from blade_mega import cpu_compat, parallel
+    from blade_mega.engine import cpu_compat, parallel
 
     cpu_compat.install()
     parallel.init_distributed(1, 1)
@@ -318,7 +318,7 @@ def test_unscorable_tokens_fall_back_to_uniform_with_a_warning(runs):
 # -- resume ---------------------------------------------------------------------------------------
 def _train_runs(argvs):
     """Several Trainer runs in one process (each from scratch or from its own --load)."""
-    from blade_mega import cpu_compat, parallel
+    from blade_mega.engine import cpu_compat, parallel
     from blade_mega.config import parse_args
     from blade_mega.pretrain import Trainer
 

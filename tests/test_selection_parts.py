@@ -8,8 +8,8 @@ import pytest
 
 from blade_mega.config import parse_args, selection_config
 from blade_mega.errors import UserError
-from blade_mega.flops import FlopCounter, forward_flops_per_token, sketch_flops_per_token
-from blade_mega.model import PRESETS, ModelSize
+from blade_mega.train.flops import FlopCounter, forward_flops_per_token, sketch_flops_per_token
+from blade_mega.engine.model import PRESETS, ModelSize
 from blade_mega.selection.record import SelectionRecord
 from blade_mega.selection.reference import replay_order
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from blade_mega.engine import split_microbatches
+from blade_mega.engine.model_engine import split_microbatches
 from blade_mega.selection.excess_loss import top_k_samples
 from blade_mega.sketch.diversity import greedy_diverse_top_k
 from blade_mega.sketch.projection import global_projection, projection_columns
@@ -51,9 +51,9 @@ def spearman(a, b):
 
 # -- in-rank checks -----------------------------------------------------------------------------
 def _exact_rank(argv):
-    from blade_mega import cpu_compat, parallel
+    from blade_mega.engine import cpu_compat, parallel
     from blade_mega.config import parse_args
-    from blade_mega.engine import make_microbatch
+    from blade_mega.engine.model_engine import make_microbatch
     from blade_mega.pretrain import Trainer
     from blade_mega.sketch.sketcher import GradientSketcher
 

@@ -73,7 +73,7 @@ def _restore(originals):
 
 
 def _sketch_rank(argv):
-    from blade_mega import cpu_compat, parallel
+    from blade_mega.engine import cpu_compat, parallel
     from blade_mega.sketch.whole import whole_sketches
 
     cpu_compat.install()
@@ -182,7 +182,7 @@ def _record_steps(hook):
 
 
 def _training_rank(argv, full, split, uniform):
-    from blade_mega import cpu_compat, parallel
+    from blade_mega.engine import cpu_compat, parallel
 
     cpu_compat.install()
     parallel.init_distributed(1, 1)

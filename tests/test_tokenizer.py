@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from blade_mega.prepare.inputs import iter_texts
 from blade_mega.errors import UserError
-from blade_mega.tokenizer import Tokenizer, meta_path_for, sample_lines, train_tokenizer
+from blade_mega.data.tokenizer import Tokenizer, meta_path_for, sample_lines, train_tokenizer
 from conftest import assert_user_error, run_tool
 
 CODE = 'def f(x):\n\tif x:\n        return  x + 12345  # ü 日本 🐍\n\n\nclass A:\n    pass\r\n'

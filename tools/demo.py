@@ -183,7 +183,7 @@ class Demo:
             banner(f"tokenizer: up to date ({self.tokenizer})")
             return
         from blade_mega.prepare.inputs import iter_texts
-        from blade_mega.tokenizer import train_tokenizer
+        from blade_mega.data.tokenizer import train_tokenizer
 
         banner(f"tokenizer: BPE, vocab {self.args.vocab_size}")
         pool = os.path.join(self.data, "corpus", "pool.jsonl")
@@ -274,7 +274,7 @@ class Demo:
 
     # -- report ----------------------------------------------------------------------------
     def report(self) -> dict:
-        from blade_mega.report import load_runs, write_report
+        from blade_mega.report.run_report import load_runs, write_report
 
         logs = [os.path.join(self.run_dir(m), "log.jsonl") for m in self.args.methods]
         settings = {m: [os.path.getsize(p), os.path.getmtime(p)]

@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _tokenizer(path, ckpt):
-    from blade_mega.tokenizer import Tokenizer
+    from blade_mega.data.tokenizer import Tokenizer
 
     path = path or ckpt.args.tokenizer_model
     if not path or not os.path.isfile(path):
@@ -72,8 +72,8 @@ def build_model(ckpt, layout):
     """This rank's stage of the checkpoint's model, for this evaluation's layout."""
     from megatron.core import parallel_state
 
-    from blade_mega.model import build_gpt
-    from blade_mega.model_weights import shard_for
+    from blade_mega.engine.model import build_gpt
+    from blade_mega.train.model_weights import shard_for
 
     if ckpt.padded_vocab_size % layout.tp:
         raise UserError(f"{ckpt.directory}: its {ckpt.padded_vocab_size} vocabulary rows do not "
@@ -100,11 +100,11 @@ def evaluate(args) -> dict:
     import torch
     from megatron.core import parallel_state, tensor_parallel
 
-    from blade_mega import evaluation as ev
-    from blade_mega.engine import PipelineRunner
-    from blade_mega.metrics import progress
-    from blade_mega.model_weights import read_checkpoint
-    from blade_mega.parallel import Layout
+    from blade_mega.report import evaluation as ev
+    from blade_mega.engine.model_engine import PipelineRunner
+    from blade_mega.train.metrics import progress
+    from blade_mega.train.model_weights import read_checkpoint
+    from blade_mega.engine.parallel import Layout
 
     ckpt = read_checkpoint(args.load)
     seq_length = args.seq_length or ckpt.args.seq_length
@@ -150,7 +150,7 @@ def evaluate(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from blade_mega import cpu_compat, parallel
+    from blade_mega.engine import cpu_compat, parallel
 
     args = parse_args(argv)
     cpu_compat.install()

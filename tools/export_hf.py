@@ -29,7 +29,7 @@ the padded rows too, so that softmax and losses equal blade-pretrain's to the la
 The tokenizer is the run's SentencePiece model as a ``LlamaTokenizer`` (tokenizer.json, its
 tokenizer_config.json, and tokenizer.model itself) with no BOS or EOS added: documents were
 tokenised that way for training, and the end of a document is ``</s>``. Text round-trips
-exactly as through blade_mega.tokenizer, except that ``<s>``/``</s>`` typed in text stay text.
+exactly as through blade_mega.data.tokenizer, except that ``<s>``/``</s>`` typed in text stay text.
 
 Runs as one CPU process, no process group. Everything is written to a temporary directory next to
 --output and renamed when complete. Prints one JSON summary line.
@@ -44,7 +44,7 @@ import warnings
 import torch
 
 from blade_mega.errors import UserError, run_cli
-from blade_mega.model_weights import Checkpoint, read_checkpoint
+from blade_mega.train.model_weights import Checkpoint, read_checkpoint
 
 
 def _require_transformers():
@@ -221,7 +221,7 @@ def save_tokenizer(tokenizer, directory: str, max_length: int) -> None:
     config = {
         "tokenizer_class": "LlamaTokenizer",
         # As tools/preprocess_data.py tokenised the training documents: nothing prepended, no
-        # dummy prefix space (blade_mega.tokenizer trains with add_dummy_prefix=False).
+        # dummy prefix space (blade_mega.data.tokenizer trains with add_dummy_prefix=False).
         "add_bos_token": False, "add_eos_token": False, "add_prefix_space": False,
         "legacy": False, "split_special_tokens": True, "clean_up_tokenization_spaces": False,
         "bos_token": sp.id_to_piece(tokenizer.bos_id), "eos_token": sp.id_to_piece(tokenizer.eod_id),
@@ -239,7 +239,7 @@ def save_tokenizer(tokenizer, directory: str, max_length: int) -> None:
 
 
 def _load_tokenizer(path, ckpt: Checkpoint):
-    from blade_mega.tokenizer import Tokenizer
+    from blade_mega.data.tokenizer import Tokenizer
 
     path = path or ckpt.args.tokenizer_model
     if path is None:

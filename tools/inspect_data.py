@@ -13,7 +13,8 @@ every sequence lies inside the .bin; it prints OK or one error line and exits 2.
 import argparse
 import json
 
-from blade_mega.prepare.inspect import decode_document, format_summary, normalize_prefix, summarize, verify
+from blade_mega.data.index_check import normalize_prefix, verify
+from blade_mega.prepare.inspect import decode_document, format_summary, summarize
 from blade_mega.errors import run_cli
 
 

@@ -12,7 +12,7 @@ summary.json and plots/*.png. Plots whose fields no run logged are skipped with 
 import argparse
 
 from blade_mega.errors import run_cli
-from blade_mega.report import load_runs, write_report
+from blade_mega.report.run_report import load_runs, write_report
 
 
 def main() -> int:

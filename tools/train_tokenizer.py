@@ -15,7 +15,7 @@ import argparse
 from blade_mega.cli_args import key_list
 from blade_mega.prepare.inputs import expand_inputs, iter_texts
 from blade_mega.errors import run_cli
-from blade_mega.tokenizer import MODEL_TYPES, train_tokenizer
+from blade_mega.data.tokenizer import MODEL_TYPES, train_tokenizer
 
 
 def main() -> int:

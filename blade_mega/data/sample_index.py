@@ -22,9 +22,10 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from blade_mega import distributed
 from blade_mega.data.pread_array import PreadArray
 from blade_mega.errors import UserError
-from blade_mega.prepare.inspect import check_header, verify
+from blade_mega.data.index_check import check_header, verify
 
 with warnings.catch_warnings():  # megatron.core warns about optional GPU extensions on import
     warnings.simplefilter("ignore")
@@ -223,20 +224,20 @@ def build_sample_indices(spec: DataSpec, sizes: Sequence[Optional[int]], tokeniz
     for prefix in prefixes:
         check_header(prefix)
     config = gpt_config(spec, tokenizer, seq_length=seq_length, seed=seed, cache_path=cache_path)
-    if _rank() == 0:
+    if distributed.rank() == 0:
         for prefix in prefixes:
             _verify_once(prefix, cache_path)
         _drop_damaged_files(cache_path)
     built = _build(config, sizes)
-    problem = _agree(_check_cache(built) if _rank() == 0 else None)
+    problem = distributed.from_rank0(_check_cache(built) if distributed.rank() == 0 else None)
     if problem is not None:
         # A damaged or foreign index file: say so once, remove this run's files, build anew.
-        if _rank() == 0:
+        if distributed.rank() == 0:
             print(f"warning: {problem}; rebuilding the sample index", flush=True)
             for path in _cache_files(built):
                 if os.path.exists(path):
                     os.remove(path)
-        _barrier()
+        distributed.barrier()
         built = _build(config, sizes)
     return [SampleIndex(top, seq_length, vocab_size) if top is not None and len(top) else None
             for top in built]
@@ -393,23 +394,6 @@ def _verify_once(prefix: str, cache_path: Optional[str]) -> None:
         os.replace(marker + ".tmp", marker)
     except OSError:
         pass  # a read-only cache only costs the scan again next time
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def _agree(problem: Optional[str]) -> Optional[str]:
-    if not torch.distributed.is_initialized():
-        return problem
-    box = [problem]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # -- flags -----------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from blade_mega.prepare.inputs import InvalidRecord, RawRecord, expand_inputs, iter_raw_records, parse_record
 from blade_mega.errors import UserError
-from blade_mega.tokenizer import Tokenizer
+from blade_mega.data.tokenizer import Tokenizer
 
 with warnings.catch_warnings():  # megatron.core warns about optional GPU extensions on import
     warnings.simplefilter("ignore")

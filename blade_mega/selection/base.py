@@ -24,10 +24,10 @@ import torch
 
 from blade_mega.config import SelectionConfig
 from blade_mega.data.sample_index import SampleIndex
-from blade_mega.engine import ModelEngine, comm_device, split_microbatches
+from blade_mega.engine.model_engine import ModelEngine, comm_device, split_microbatches
 from blade_mega.errors import UserError
-from blade_mega.flops import FlopCounter
-from blade_mega.model import ModelSize
+from blade_mega.train.flops import FlopCounter
+from blade_mega.engine.model import ModelSize
 from blade_mega.selection.record import SelectionRecord
 
 

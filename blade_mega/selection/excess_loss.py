@@ -30,10 +30,10 @@ from typing import Optional
 import numpy as np
 import torch
 
-from blade_mega.engine import ModelEngine, broadcast_from_last_stage
+from blade_mega.engine.model_engine import ModelEngine, broadcast_from_last_stage
 from blade_mega.errors import UserError
-from blade_mega.flops import TRAIN
-from blade_mega.model import PRESETS
+from blade_mega.train.flops import TRAIN
+from blade_mega.engine.model import PRESETS
 from blade_mega.selection.base import SelectionContext, SelectionHook, TrainBatch
 from blade_mega.selection.reference import Reference
 from blade_mega.sketch.diversity import greedy_diverse_top_k

@@ -35,9 +35,9 @@ import torch
 
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-from blade_mega.engine import ModelEngine, comm_device, learning_rate, split_microbatches
+from blade_mega.engine.model_engine import ModelEngine, comm_device, learning_rate, split_microbatches
 from blade_mega.errors import UserError
-from blade_mega.flops import TRAIN
+from blade_mega.train.flops import TRAIN
 
 
 @dataclass

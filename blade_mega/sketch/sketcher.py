@@ -44,7 +44,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
-from blade_mega.engine import PipelineRunner, split_microbatches
+from blade_mega.engine.model_engine import PipelineRunner, split_microbatches
 from blade_mega.sketch.projection import projection_columns
 
 OUTPUT_BLOCK = 8   # q of the output layer (most of the gradient norm): the widest projection

@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from blade_mega.errors import UserError
-from blade_mega.parallel import MegatronMPU
+from blade_mega.engine.parallel import MegatronMPU
 
 
 def deepspeed_config(*, micro_batch_size: int, dp: int, lr: float, zero_stage: int,
@@ -82,7 +82,7 @@ def check_zero_schedule(zero_stage: int, num_microbatches: int) -> None:
 def decays(name: str, param: torch.nn.Parameter) -> bool:
     """Megatron-LM's rule: no weight decay on biases and 1-D parameters (every norm's weight);
     a name naming a norm counts too (LayerNorm or RMSNorm, fused into a linear or not)."""
-    from blade_mega.model import is_norm
+    from blade_mega.engine.model import is_norm
 
     return not (name.endswith("bias") or param.dim() == 1 or is_norm(name))
 

@@ -79,7 +79,7 @@ def _microbatch_windows(dataset: IndexedDataset, share: list[Chunk], seq_length:
                         micro_batch_size: int):
     """[b, seq_length + 1] windows and [b, seq_length] weights per micro-batch: a chunk of n
     tokens fills the first n places, and only its n - 1 real predictions have weight 1."""
-    from blade_mega.engine import make_microbatch
+    from blade_mega.engine.model_engine import make_microbatch
 
     for begin in range(0, len(share), micro_batch_size):
         group = share[begin:begin + micro_batch_size]
@@ -97,7 +97,7 @@ def document_losses(runner, dataset: IndexedDataset, seq_length: int, micro_batc
     """Sum of token losses per document [num_documents] (float64), identical on every rank.
     ``scoring``: this rank's losses count (last pipeline stage, TP rank 0); the others run the
     same chunks but add nothing, so the all-reduce over the world adds each replica once."""
-    from blade_mega.engine import comm_device
+    from blade_mega.engine.model_engine import comm_device
 
     lengths = dataset.sequence_lengths
     every = chunks(lengths, seq_length)

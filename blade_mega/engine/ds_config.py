@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 
-from blade_mega.engine import deepspeed_config
+from blade_mega.engine.model_engine import deepspeed_config
 from blade_mega.errors import UserError
 
 _MISSING = object()

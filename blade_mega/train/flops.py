@@ -21,7 +21,7 @@ sketches).  Counts are global (every rank adds the same numbers), so any rank's 
 
 from __future__ import annotations
 
-from blade_mega.model import ModelSize
+from blade_mega.engine.model import ModelSize
 
 ROLES = ("learner", "scoring", "reference", "sketch")
 TRAIN = 3  # forward + backward, in forwards

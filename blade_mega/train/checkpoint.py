@@ -17,14 +17,15 @@ import json
 import os
 import shutil
 import zlib
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from megatron.core import tensor_parallel
 
+from blade_mega import distributed
 from blade_mega.atomic import write_atomic
 from blade_mega.errors import UserError
-from blade_mega.parallel import Layout
+from blade_mega.engine.parallel import Layout
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -49,19 +50,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def save(save_dir: str, iteration: int, engine, run_state: dict, layout: Layout,
          hook=None, keep: int = 2) -> str:
     tag = tag_for(iteration)
-    rank = _rank()
+    rank = distributed.rank()
     directory = os.path.join(save_dir, tag)
     if rank == 0 and os.path.isdir(directory):
         shutil.rmtree(directory)  # a stale, incomplete attempt at this tag
-    _barrier()
+    distributed.barrier()
     # Each phase ends with every rank agreeing on success, so a write that fails on one rank
     # makes every rank stop with the same message instead of leaving the others in a collective.
     problem = _guarded(lambda: _write_files(save_dir, tag, engine, run_state, hook, rank))
@@ -72,8 +68,8 @@ def save(save_dir: str, iteration: int, engine, run_state: dict, layout: Layout,
             for name in names:
                 path = os.path.join(root, name)
                 files[os.path.relpath(path, directory)] = os.path.getsize(path)
-    files = _from_rank0(files)
-    crcs = _split_over_ranks(lambda name: _crc32(os.path.join(directory, name)), files)
+    files = distributed.from_rank0(files)
+    crcs = distributed.split_over_ranks(lambda name: _crc32(os.path.join(directory, name)), files)
     problem = None
     if rank == 0:
         manifest = {"iteration": iteration, "tp": layout.tp, "pp": layout.pp,
@@ -110,17 +106,8 @@ def _guarded(write) -> Optional[str]:
     return None
 
 
-def _agree(problem: Optional[str]) -> Optional[str]:
-    """The first rank's problem, on every rank (None if no rank had one). A collective."""
-    if not torch.distributed.is_initialized():
-        return problem
-    problems = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(problems, problem)
-    return next((p for p in problems if p is not None), None)
-
-
 def _raise_if_any(problem: Optional[str], directory: str, save_dir: str) -> None:
-    reason = _agree(problem)
+    reason = distributed.first_problem(problem)
     if reason is not None:
         raise UserError(f"{directory}: cannot write the checkpoint ({reason}); "
                         f"free space in {save_dir} (or check its quota) and resume with --load "
@@ -139,27 +126,6 @@ def _crc32(path: str) -> int:
         while chunk := f.read(1 << 22):
             crc = zlib.crc32(chunk, crc)
     return crc
-
-
-def _from_rank0(value):
-    if not torch.distributed.is_initialized():
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _split_over_ranks(fn: Callable[[str], object], names) -> dict:
-    """``{name: fn(name)}`` with the names shared out over the ranks (checksums of a large
-    checkpoint read it once in all, not once per rank). Every rank must call it."""
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) \
-        if torch.distributed.is_initialized() else (0, 1)
-    mine = {name: fn(name) for name in sorted(names)[rank::world]}
-    if world == 1:
-        return mine
-    parts = [None] * world
-    torch.distributed.all_gather_object(parts, mine)
-    return {name: value for part in parts for name, value in part.items()}
 
 
 def _prune(save_dir: str, current: str, keep: int) -> None:
@@ -199,11 +165,13 @@ def check_complete(directory: str) -> Optional[str]:
     """None if the checkpoint in ``directory`` is complete and intact, else what is wrong with
     it: sizes catch truncation, CRC-32s same-size corruption. Every rank must call it; rank 0's
     view of the manifest and sizes decides, so all ranks take the same path."""
-    problem, manifest = _from_rank0(_read_manifest(directory) if _rank() == 0 else None)
+    problem, manifest = distributed.from_rank0(
+        _read_manifest(directory) if distributed.rank() == 0 else None)
     if problem is not None:
         return problem
     expected = manifest.get("crc32", {})  # absent in manifests written before checksums
-    actual = _split_over_ranks(lambda name: _crc32(os.path.join(directory, name)), expected)
+    actual = distributed.split_over_ranks(lambda name: _crc32(os.path.join(directory, name)),
+                                          expected)
     for name in sorted(expected):
         if actual[name] != expected[name]:
             return (f"{os.path.join(directory, name)}: CRC-32 {actual[name]:08x}, expected "
@@ -226,7 +194,7 @@ def find_loadable(load_dir: str) -> tuple[str, dict]:
     for tag in candidates:
         problem = check_complete(os.path.join(load_dir, tag))
         if problem is None:
-            if problems and _rank() == 0:
+            if problems and distributed.rank() == 0:
                 print(f"warning: skipped broken checkpoint(s): {'; '.join(problems)}; "
                       f"loading {tag}", flush=True)
             with open(os.path.join(load_dir, tag, MANIFEST)) as f:
@@ -234,10 +202,6 @@ def find_loadable(load_dir: str) -> tuple[str, dict]:
         problems.append(problem)
     raise UserError(f"no complete checkpoint in {load_dir}: {problems[0]}; restore the files or "
                     "start without --load")
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def load_weights(load_dir: str, engine, layout: Layout) -> str:
@@ -289,7 +253,7 @@ def load(load_dir: str, engine, layout: Layout, hook=None, load_optimizer: bool 
     # Same DP size: this rank's own file. Another DP size: the file of the rank at the same
     # tensor/pipeline position in DP rank 0 (the state every DP rank shares: iteration, data
     # position, selection state; RNG streams then differ from an uninterrupted run).
-    source = _rank() if not dp_changed else _same_position_in_dp0(layout, manifest["dp"])
+    source = distributed.rank() if not dp_changed else _same_position_in_dp0(layout, manifest["dp"])
     state_path = os.path.join(directory, f"run_state_rank{source:05d}.pt")
     state, problem = None, None
     try:
@@ -297,7 +261,7 @@ def load(load_dir: str, engine, layout: Layout, hook=None, load_optimizer: bool 
     except Exception as err:  # a corrupt pickle raises many types
         problem = (f"{state_path}: unreadable run state ({type(err).__name__}); "
                    "remove this checkpoint directory to fall back to the previous one")
-    problem = _agree(problem)  # every rank stops, not only the one with the bad file
+    problem = distributed.first_problem(problem)  # every rank stops, not only the bad file's
     if problem is not None:
         raise UserError(problem)
     set_rng_state(state.pop("rng"))

@@ -1,6 +1,6 @@
 """The model: Megatron-Core ``GPTModel`` built from a layer spec, sized by named presets.
 
-The layer spec and fused kernels follow the machine (blade_mega/device_path.py): Transformer
+The layer spec and fused kernels follow the machine (blade_mega/engine/device_path.py): Transformer
 Engine's spec on CUDA when it imports, else the local spec with torch SDPA core attention
 (``SdpaDotProductAttention``: flash attention on CUDA; on CPU the stock attention cannot run,
 as it takes its score buffer from a CUDA-only global memory pool).
@@ -22,8 +22,8 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from blade_mega import device_path
-from blade_mega.cpu_compat import cuda_available
+from blade_mega.engine import device_path
+from blade_mega.engine.cpu_compat import cuda_available
 
 
 @dataclass(frozen=True)

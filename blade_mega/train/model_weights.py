@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-from blade_mega import checkpoint
+from blade_mega.train import checkpoint
 from blade_mega.errors import UserError
-from blade_mega.model import ModelSize, _global_name, gated_tp_order
+from blade_mega.engine.model import ModelSize, _global_name, gated_tp_order
 
 # Which dimension Megatron-Core's parallel layers split over TP ranks; the rest is replicated.
 # ColumnParallelLinear / VocabParallelEmbedding split their output rows, RowParallelLinear its
@@ -132,7 +132,7 @@ def read_checkpoint(load: str) -> Checkpoint:
 
 def _vocab_of(args: argparse.Namespace) -> int:
     if args.tokenizer_model and os.path.isfile(args.tokenizer_model):
-        from blade_mega.tokenizer import Tokenizer
+        from blade_mega.data.tokenizer import Tokenizer
 
         return Tokenizer.load(args.tokenizer_model).vocab_size
     if args.vocab_size:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core import parallel_state
 
-from blade_mega.cpu_compat import cuda_available
+from blade_mega.engine.cpu_compat import cuda_available
 from blade_mega.errors import UserError
 
 _LAUNCHER_VARS = (
@@ -130,9 +130,9 @@ def init_distributed(tp: int, pp: int, timeout_minutes: float = 10.0) -> tuple[P
         torch.distributed.init_process_group(
             backend, store=_run_store(proc, timeout), rank=proc.rank,
             world_size=proc.world_size, timeout=timeout, **_nccl_device(proc))
-        if proc.world_size > 1:  # heartbeats, and one line per error (blade_mega/peers.py)
+        if proc.world_size > 1:  # heartbeats, and one line per error (blade_mega/engine/peers.py)
             from blade_mega import errors
-            from blade_mega.peers import Peers
+            from blade_mega.engine.peers import Peers
 
             peers = Peers(_store[1], f"blade_mega/run{_runs}/peers", proc.rank, proc.world_size,
                           timeout_minutes)

@@ -10,7 +10,7 @@
 Megatron's gradient-accumulation fusion stays off everywhere: it accumulates into the
 ``main_grad`` buffers of Megatron's own DDP, and DeepSpeed owns the gradients here.  bf16 is the
 default with CUDA (``--fp32`` opts out, config.resolve_device_flags), the backend nccl; without
-CUDA, gloo and fp32, and blade_mega/cpu_compat.py patches the few CUDA-only places (it does
+CUDA, gloo and fp32, and blade_mega/engine/cpu_compat.py patches the few CUDA-only places (it does
 nothing when CUDA exists).
 """
 

@@ -348,7 +348,7 @@ def _metric_plot(slug: str, title: str, ylabel: str, runs: list[RunLog],
 
 
 def _compute_plot(runs: list[RunLog]) -> Plot:
-    """Test loss against the cumulative analytic FLOPs of every role (blade_mega/flops.py):
+    """Test loss against the cumulative analytic FLOPs of every role (blade_mega/train/flops.py):
     the per-GPU-hour view, where selection pays for its scoring and reference training."""
     title = "Test loss vs compute (analytic FLOPs, all roles)"
     drawn = []

@@ -25,10 +25,10 @@ import math
 from dataclasses import dataclass
 
 from blade_mega.config import check_layout, model_size
-from blade_mega.engine import check_zero_schedule
+from blade_mega.engine.model_engine import check_zero_schedule
 from blade_mega.errors import UserError
-from blade_mega.model import PRESETS, ModelSize, padded_vocab_size
-from blade_mega.parallel import Layout
+from blade_mega.engine.model import PRESETS, ModelSize, padded_vocab_size
+from blade_mega.engine.parallel import Layout
 
 GIB = 2**30
 
