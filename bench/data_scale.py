@@ -96,16 +96,16 @@ def data_path_step(prefix: str, cache: str, target: str, steps: int = 200) -> di
     seconds per step: the min is what the code costs on an undisturbed core."""
     import numpy as np
 
-    from blade_mega.config import parse_args
+    from blade_mega.config import parse_config
     from blade_mega.data.block_sampler import CandidateBlockSampler
     from blade_mega.data.sidecar import Sidecar
     from blade_mega.data.streams import VocabOnly, build_streams
 
-    args = parse_args(["--vocab-size", str(VOCAB), "--data-path", prefix, "--target-data-path",
+    config = parse_config(["--vocab-size", str(VOCAB), "--data-path", prefix, "--target-data-path",
                        target, "--data-cache-path", cache, "--selection", "blade",
                        "--reweight-mix", "0.5", "--train-iters", "25", "--seq-length", "128",
                        "--micro-batch-size", "4", "--global-batch-size", "16"])
-    train = build_streams(args, VocabOnly(VOCAB), VOCAB).train
+    train = build_streams(config, VocabOnly(VOCAB), VOCAB).train
     sidecars = [Sidecar(train.num_documents(0))]
     sampler = CandidateBlockSampler(train, 1234, 0.5, sidecars)
     rng = np.random.default_rng(0)

@@ -48,23 +48,12 @@ CASES = {  # name: (flags, granularity)
 JUDGED = [name for name in CASES if not name.startswith("sketch") and "diversity" not in name]
 
 
-def analytic_ratio(name: str, gamma_sample: float, sync: int, ref_steps: int, lam: float) -> float:
-    method, _, granularity = name.partition("-")
-    if method == "uniform":
-        return 1.0
-    if method == "sketch":
-        return 1.0 + (2 / gamma_sample + 2) / 3
-    if name == "blade-diversity":
-        name, method, granularity = "blade-sample", "blade", "sample"
-    with_reference = method in ("rho", "blade")
-    if granularity == "sample":
-        scoring = (2 if with_reference else 1) / (3 * gamma_sample)
-    else:
-        scoring = (1 / 3) if with_reference else 0.0
-    reference_training = 0.0
-    if method == "blade":
-        reference_training = (ref_steps / sync) * (2.0 if lam > 0 else 1.0)
-    return 1.0 + scoring + reference_training
+def analytic_ratio(argv: list[str]) -> float:
+    """The method's own cost per step in model passes (its ``MethodSpec.cost``)."""
+    from blade_mega.config import parse_config
+
+    config = parse_config(argv)
+    return config.method_spec.cost(config)
 
 
 def main() -> None:
@@ -83,7 +72,6 @@ def main() -> None:
     p.add_argument("--workdir", default=os.path.join(HERE, ".cache", "selection_quality"))
     args = p.parse_args()
     paths = build_data(os.path.join(args.workdir, "data"), 4.0, 2000)
-    gamma_sample = 0.5  # the default --keep-ratio at sample level
     rows = {}
     for name in args.cases.split(","):
         flags, granularity = CASES[name]
@@ -113,8 +101,7 @@ def main() -> None:
         rows[name] = {"step_time": step_time,
                       "analytic": (last["total"] - first["total"])
                       / (last["learner"] - first["learner"]),
-                      "analytic_passes": analytic_ratio(name, gamma_sample, args.sync_interval,
-                                                        args.ref_steps, args.blade_lambda)}
+                      "analytic_passes": analytic_ratio(argv)}
         print(f"{name:16s} {step_time * 1000:8.1f} ms/step", flush=True)
     base = rows["uniform"]["step_time"]
     for name, row in rows.items():

@@ -43,21 +43,21 @@ def _bench_rank(argv: list[str], repeats: int) -> dict:
     import torch
 
     from blade_mega.engine import cpu_compat, parallel
-    from blade_mega.config import parse_args
+    from blade_mega.config import parse_config
     from blade_mega.engine.model_engine import split_microbatches
-    from blade_mega.pretrain import Trainer
+    from blade_mega.train.trainer import Trainer
 
     cpu_compat.install()
     _, layout = parallel.init_distributed(1, 1)
     try:
-        args = parse_args(argv)
-        trainer = Trainer(args, layout)
+        config = parse_config(argv)
+        trainer = Trainer(config, layout)
         hook, learner = trainer.hook, trainer.learner
         block = hook.block_size(0)
         ids = trainer.train_data.ordered_ids(0, block)
         local = hook.read(hook.local_share(ids))
-        micro = split_microbatches(local, args.micro_batch_size)
-        normaliser = float(block * args.seq_length)
+        micro = split_microbatches(local, config.data.micro_batch_size)
+        normaliser = float(block * config.data.seq_length)
         learner.train_step(micro, normaliser, 1e-4)  # warm both paths up
         hook.sketcher.sketch(local)
         sketch_s, train_s = [], []

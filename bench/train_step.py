@@ -70,15 +70,15 @@ def bench_rank(argv: list[str]) -> dict:
     import torch
 
     from blade_mega.engine import cpu_compat, parallel
-    from blade_mega.config import parse_args
-    from blade_mega.pretrain import Trainer
+    from blade_mega.config import parse_config
+    from blade_mega.train.trainer import Trainer
 
-    args = parse_args(argv)
+    config = parse_config(argv)
     cpu_compat.install()
-    _, layout = parallel.init_distributed(args.tensor_model_parallel_size,
-                                          args.pipeline_model_parallel_size)
+    _, layout = parallel.init_distributed(config.parallel.tensor_model_parallel_size,
+                                          config.parallel.pipeline_model_parallel_size)
     try:
-        trainer = Trainer(args, layout)
+        trainer = Trainer(config, layout)
         trainer.train()
         optimizer = optimizer_state_bytes(trainer.learner.engine)
         rank = torch.distributed.get_rank()
@@ -86,7 +86,7 @@ def bench_rank(argv: list[str]) -> dict:
         parallel.shutdown()
     records = []
     if rank == 0:
-        with open(args.log_file) as f:
+        with open(config.log.log_file) as f:
             records = [json.loads(line) for line in f]
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "optimizer": optimizer, "records": records}

@@ -81,14 +81,14 @@ def pretrain_rank(argv: list[str]) -> list[dict]:
     """One rank of ``blade-pretrain argv``; rank 0 returns the run's JSON log records."""
     import json
 
-    from blade_mega.config import parse_args
+    from blade_mega.config import parse_config
     from blade_mega.pretrain import pretrain
 
-    args = parse_args(argv)
-    pretrain(args)
-    if os.environ.get("RANK", "0") != "0" or not args.log_file:
+    config = parse_config(argv)
+    pretrain(config)
+    if os.environ.get("RANK", "0") != "0" or not config.log.log_file:
         return []
-    with open(args.log_file) as f:
+    with open(config.log.log_file) as f:
         return [json.loads(line) for line in f]
 
 
@@ -98,9 +98,9 @@ def trainer_in_rank(argv: list[str], tp: int = 1, pp: int = 1):
     import torch
     from megatron.core import parallel_state
 
-    from blade_mega.config import parse_args
+    from blade_mega.config import parse_config
     from blade_mega.engine.parallel import Layout
-    from blade_mega.pretrain import Trainer
+    from blade_mega.train.trainer import Trainer
 
     current = ((parallel_state.get_tensor_model_parallel_world_size(),
                 parallel_state.get_pipeline_model_parallel_world_size())
@@ -110,6 +110,6 @@ def trainer_in_rank(argv: list[str], tp: int = 1, pp: int = 1):
             parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                                  pipeline_model_parallel_size=pp)
-    args = parse_args(argv + ["--tensor-model-parallel-size", str(tp),
-                              "--pipeline-model-parallel-size", str(pp)])
-    return Trainer(args, Layout.from_world(torch.distributed.get_world_size(), tp, pp))
+    config = parse_config(argv + ["--tensor-model-parallel-size", str(tp),
+                                  "--pipeline-model-parallel-size", str(pp)])
+    return Trainer(config, Layout.from_world(torch.distributed.get_world_size(), tp, pp))

@@ -204,21 +204,21 @@ def _train_save_and_probe(argv):
     from megatron.core import parallel_state
 
     from blade_mega.engine import cpu_compat, parallel
-    from blade_mega.config import parse_args
+    from blade_mega.config import parse_config
     from blade_mega.train.model_weights import read_checkpoint, shard_for
-    from blade_mega.pretrain import Trainer
+    from blade_mega.train.trainer import Trainer
 
-    args = parse_args(argv)
+    config = parse_config(argv)
     cpu_compat.install()
-    _, layout = parallel.init_distributed(args.tensor_model_parallel_size,
-                                          args.pipeline_model_parallel_size, 2.0)
-    trainer = Trainer(args, layout)
+    _, layout = parallel.init_distributed(config.parallel.tensor_model_parallel_size,
+                                          config.parallel.pipeline_model_parallel_size, 2.0)
+    trainer = Trainer(config, layout)
     try:
         trainer.train()
         module = trainer.learner.module
         logits = _layout_logits(module, probe_tokens())
         offset = module.decoder.layers[0].layer_number - 1
-        shard = shard_for(read_checkpoint(args.save), module.state_dict().keys(),
+        shard = shard_for(read_checkpoint(config.checkpoint.save), module.state_dict().keys(),
                           parallel_state.get_tensor_model_parallel_rank(),
                           parallel_state.get_tensor_model_parallel_world_size(), offset)
         trained = module.state_dict()
@@ -226,8 +226,8 @@ def _train_save_and_probe(argv):
         if parallel_state.get_tensor_model_parallel_rank() != 0:
             logits = None
         records = []
-        if args.log_file and torch.distributed.get_rank() == 0:
-            with open(args.log_file) as f:
+        if config.log.log_file and torch.distributed.get_rank() == 0:
+            with open(config.log.log_file) as f:
                 records = [json.loads(line) for line in f]
         return {"logits": None if logits is None else logits.tolist(), "differ": differ,
                 "missing": sorted(set(trained) - set(shard) - {n for n in trained

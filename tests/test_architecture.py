@@ -4,7 +4,7 @@
 
 import pytest
 
-from blade_mega.config import model_size, parse_args
+from blade_mega.config import parse_config
 from blade_mega.errors import UserError
 from blade_mega.testing import run_distributed
 
@@ -36,7 +36,7 @@ def _built(cases: dict) -> dict:
     out = {}
     try:
         for name, flags in cases.items():
-            model = build_gpt(model_size(parse_args(BASE + flags)), 512, seed=0)
+            model = build_gpt(parse_config(BASE + flags).model.size, 512, seed=0)
             config, params = model.config, dict(model.named_parameters())
             layer = model.decoder.layers[0]
             out[name] = {
@@ -106,7 +106,7 @@ def test_architecture_flags_from_yaml(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("swiglu: true\ndisable-bias-linear: true\nnormalization: RMSNorm\n"
                       "num-query-groups: 2\nrotary-base: 1000\n")
-    size = model_size(parse_args(["--config", str(config), *BASE]))
+    size = parse_config(["--config", str(config), *BASE]).model.size
     assert (size.swiglu, size.add_bias_linear, size.normalization, size.num_query_groups,
             size.rotary_base) == (True, False, "RMSNorm", 2, 1000)
 
@@ -119,4 +119,4 @@ def test_architecture_flags_from_yaml(tmp_path):
 ])
 def test_bad_architecture_is_one_error(flags, message):
     with pytest.raises(UserError, match=message):
-        parse_args(BASE + flags)
+        parse_config(BASE + flags)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from blade_mega.config import parse_args
+from blade_mega.config import parse_config
 from blade_mega.errors import UserError
 from conftest import run_main
 
@@ -18,20 +18,21 @@ def test_yaml_values_apply_and_flags_override_them(tmp_path, base):
     config = tmp_path / "run.yaml"
     config.write_text("seq-length: 32\nmicro_batch_size: 2\nlr: 0.005\nselection: highloss\n"
                       "data-path: [a_text_document, b_text_document]\n")
-    args = parse_args(["--config", str(config), *base[:2], "--lr", "0.01"])
-    assert (args.seq_length, args.micro_batch_size, args.selection) == (32, 2, "highloss")
-    assert args.data_path == ["a_text_document", "b_text_document"]
-    assert args.lr == 0.01  # the flag wins over the file
+    run = parse_config(["--config", str(config), *base[:2], "--lr", "0.01"])
+    assert (run.data.seq_length, run.data.micro_batch_size, run.selection.method) == \
+        (32, 2, "highloss")
+    assert list(run.data.data_path) == ["a_text_document", "b_text_document"]
+    assert run.train.lr == 0.01  # the flag wins over the file
 
 
 def test_yaml_values_are_validated_like_flags(tmp_path, base):
     config = tmp_path / "run.yaml"
     config.write_text("seq-length: 4096\n")  # above tiny's 256 positions
     with pytest.raises(UserError, match="--seq-length 4096 is above"):
-        parse_args(["--config", str(config), *base])
+        parse_config(["--config", str(config), *base])
     config.write_text("model-size: huge\n")
     with pytest.raises(UserError, match="model-size: invalid choice: 'huge'"):
-        parse_args(["--config", str(config), *base])
+        parse_config(["--config", str(config), *base])
 
 
 @pytest.mark.parametrize("text, problem", [
@@ -59,34 +60,36 @@ def test_yaml_values_are_converted_like_flags(tmp_path, base):
     config = tmp_path / "run.yaml"
     config.write_text('seq-length: "64"\nlr: 1e-3\nkeep-ratio: 1\n'  # YAML strings, an int
                       "data-path: [0.3, a_text_document, 0.7, b_text_document]\n")
-    args = parse_args(["--config", str(config), *base[:2]])
-    assert args.seq_length == 64 and type(args.seq_length) is int
-    assert args.lr == 0.001 and args.keep_ratio == 1.0 and type(args.keep_ratio) is float
-    assert args.data_path == ["0.3", "a_text_document", "0.7", "b_text_document"]
+    run = parse_config(["--config", str(config), *base[:2]])
+    assert run.data.seq_length == 64 and type(run.data.seq_length) is int
+    keep_ratio = run.selection.keep_ratio
+    assert run.train.lr == 0.001 and keep_ratio == 1.0 and type(keep_ratio) is float
+    assert list(run.data.data_path) == ["0.3", "a_text_document", "0.7", "b_text_document"]
 
 
 def test_a_single_yaml_value_for_a_list_flag_is_a_one_item_list(tmp_path, base):
     config = tmp_path / "run.yaml"
     config.write_text("data-path: a_text_document\n")
-    assert parse_args(["--config", str(config), *base[:2]]).data_path == ["a_text_document"]
+    assert list(parse_config(["--config", str(config), *base[:2]]).data.data_path) == \
+        ["a_text_document"]
 
 
 @pytest.mark.parametrize("value", [True, False])
 def test_yaml_booleans_set_store_true_flags_either_way(tmp_path, base, value):
     config = tmp_path / "run.yaml"
     config.write_text(f"bf16: {str(value).lower()}\nno_progress: {str(value).lower()}\n")
-    args = parse_args(["--config", str(config), *base])
-    assert (args.bf16, args.no_progress) == (value, value)
-    assert parse_args(["--config", str(config), *base, "--bf16"]).bf16  # the flag wins
+    run = parse_config(["--config", str(config), *base])
+    assert (run.model.bf16, run.log.no_progress) == (value, value)
+    assert parse_config(["--config", str(config), *base, "--bf16"]).model.bf16  # the flag wins
 
 
 def test_flags_override_converted_yaml_values(tmp_path, base):
     config = tmp_path / "run.yaml"
     config.write_text('seq-length: "64"\nselection: highloss\ndata-path: [x, y]\n')
-    args = parse_args(["--config", str(config), *base, "--seq-length", "32",
+    run = parse_config(["--config", str(config), *base, "--seq-length", "32",
                        "--selection", "uniform"])
-    assert (args.seq_length, args.selection) == (32, "uniform")
-    assert args.data_path == [base[3]]
+    assert (run.data.seq_length, run.selection.method) == (32, "uniform")
+    assert list(run.data.data_path) == [base[3]]
 
 
 def test_unknown_yaml_key_is_a_one_line_error(tmp_path, base, capsys):
@@ -104,7 +107,7 @@ def test_malformed_yaml_is_a_user_error(tmp_path, base, text, problem):
     config = tmp_path / "run.yaml"
     config.write_text(text)
     with pytest.raises(UserError, match=problem):
-        parse_args(["--config", str(config), *base])
+        parse_config(["--config", str(config), *base])
 
 
 def test_dry_run_prints_the_resolved_config_and_layout_without_training(
@@ -150,6 +153,6 @@ def test_dry_run_rejects_a_layout_the_world_cannot_hold(base, capsys, monkeypatc
 ])
 def test_reference_model_auto_picks_the_preset_nearest_a_sixteenth_of_the_cost(
         demo_data, base, learner, extra, expected):
-    args = parse_args([*base, "--target-data-path", demo_data.target_prefix, "--selection",
+    run = parse_config([*base, "--target-data-path", demo_data.target_prefix, "--selection",
                        "blade", "--model-size", learner, *extra])
-    assert args.reference_model == expected
+    assert (run.selection.proxy or "same") == expected

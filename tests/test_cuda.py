@@ -11,7 +11,7 @@ from blade_mega.engine import device_path
 from blade_mega.testing import pretrain_rank, run_distributed
 
 pytestmark = pytest.mark.cuda
-SEQUENCE_PARALLEL = torch.cuda.is_available() and device_path.detect().sequence_parallel
+SEQUENCE_PARALLEL = torch.cuda.is_available() and device_path.detect().model.sequence_parallel
 
 FAST = ["--model-size", "tiny", "--seq-length", "64", "--global-batch-size", "4",
         "--micro-batch-size", "2", "--train-iters", "4", "--lr-warmup-iters", "2",
@@ -27,15 +27,15 @@ def train(demo_data, tmp_path, ranks: int, *flags: str) -> list[dict]:
 
 def test_cuda_path_bf16_by_default_and_cpu_layer_inert(demo_data):
     from blade_mega.engine import cpu_compat, device_path
-    from blade_mega.config import parse_args
+    from blade_mega.config import parse_config
 
     path = device_path.detect()
     assert (path.device, path.backend, path.bf16_default) == ("cuda", "nccl", True)
     assert path.fusions["bias_dropout_fusion"] and path.fusions["bias_activation_fusion"]
     assert cpu_compat.install() is False
     base = ["--tokenizer-model", demo_data.tokenizer_model, "--data-path", "x"]
-    assert parse_args(base).bf16 is True
-    assert parse_args([*base, "--fp32"]).bf16 is False
+    assert parse_config(base).model.bf16 is True
+    assert parse_config([*base, "--fp32"]).model.bf16 is False
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ CUDA, --fp32, recompute, sequence parallelism)."""
 import pytest
 
 from blade_mega.engine import device_path, model
-from blade_mega.config import parse_args
+from blade_mega.config import parse_config
 from blade_mega.engine.device_path import FUSION_FIELDS, choose
 from blade_mega.errors import UserError
 
@@ -70,32 +70,33 @@ def base() -> list[str]:
 
 
 def test_bf16_is_the_default_with_cuda_and_fp32_opts_out(monkeypatch, base):
-    assert parse_args(base).bf16 is False  # CPU: fp32, as before
+    assert parse_config(base).model.bf16 is False  # CPU: fp32, as before
     monkeypatch.setattr("blade_mega.engine.cpu_compat.cuda_available", lambda: True)
-    assert parse_args(base).bf16 is True
-    assert parse_args([*base, "--fp32"]).bf16 is False
+    assert parse_config(base).model.bf16 is True
+    assert parse_config([*base, "--fp32"]).model.bf16 is False
     with pytest.raises(UserError, match="--bf16 and --fp32 contradict"):
-        parse_args([*base, "--bf16", "--fp32"])
+        parse_config([*base, "--bf16", "--fp32"])
 
 
 def test_recompute_and_sequence_parallel_flags(base):
-    args = parse_args([*base, "--recompute-granularity", "full"])
-    assert (args.recompute_method, args.recompute_num_layers) == ("uniform", 1)  # Megatron-LM's
-    options = model.speed_options(args)
+    run = parse_config([*base, "--recompute-granularity", "full"])
+    # Megatron-LM's defaults
+    assert (run.model.recompute_method, run.model.recompute_num_layers) == ("uniform", 1)
+    options = model.speed_options(run.model)
     assert options["recompute_granularity"] == "full" and not options["sequence_parallel"]
     with pytest.raises(UserError, match="apply to --recompute-granularity full"):
-        parse_args([*base, "--recompute-granularity", "selective", "--recompute-method", "block"])
+        parse_config([*base, "--recompute-granularity", "selective", "--recompute-method", "block"])
     with pytest.warns(UserWarning, match="--sequence-parallel is off"):
-        assert parse_args([*base, "--sequence-parallel"]).sequence_parallel is False
-    assert parse_args([*base, "--sequence-parallel", "--tensor-model-parallel-size", "2"]
-                      ).sequence_parallel is True
+        assert parse_config([*base, "--sequence-parallel"]).model.sequence_parallel is False
+    assert parse_config([*base, "--sequence-parallel", "--tensor-model-parallel-size", "2"]
+                      ).model.sequence_parallel is True
 
 
 def test_sequence_parallel_is_refused_where_megatron_cannot_run_it(base):
-    args = parse_args([*base, "--sequence-parallel", "--tensor-model-parallel-size", "2"])
+    run = parse_config([*base, "--sequence-parallel", "--tensor-model-parallel-size", "2"])
     with pytest.raises(UserError, match="--sequence-parallel needs Transformer Engine or Apex"):
-        device_path.detect().check(args)
-    choose(True, True, False).check(args)  # TE: fine
+        device_path.detect().check(run.model)
+    choose(True, True, False).check(run.model)  # TE: fine
 
 
 def test_recompute_runs_on_cpu_and_changes_no_loss(demo_data, tmp_path):

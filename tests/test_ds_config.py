@@ -7,7 +7,7 @@ import json
 import pytest
 
 from blade_mega.engine import ds_config
-from blade_mega.config import parse_args
+from blade_mega.config import parse_config
 from blade_mega.errors import UserError
 from blade_mega.pretrain import main
 
@@ -15,7 +15,7 @@ from blade_mega.pretrain import main
 def args_with(tmp_path, config: dict, *flags: str):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(config))
-    return parse_args(["--vocab-size", "1000", "--data-path", "x", "--micro-batch-size", "2",
+    return parse_config(["--vocab-size", "1000", "--data-path", "x", "--micro-batch-size", "2",
                        "--global-batch-size", "8", "--deepspeed-config", str(path), *flags])
 
 

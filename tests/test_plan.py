@@ -9,7 +9,7 @@ import math
 import pytest
 
 from blade_mega.engine import plan
-from blade_mega.config import parse_args
+from blade_mega.config import parse_config
 from blade_mega.pretrain import vocab_size
 from blade_mega.testing import run_distributed, trainer_in_rank
 from conftest import run_main
@@ -141,9 +141,9 @@ def layout_argv(demo_data, extra) -> list[str]:
 def test_plan_matches_the_engines_and_norms_and_biases_do_not_decay(demo_data, tp, pp, extra):
     argv = layout_argv(demo_data, extra)
     ranks = run_distributed(measure, 4, argv, tp, pp, timeout=600)
-    args = parse_args(argv + ["--tensor-model-parallel-size", str(tp),
-                              "--pipeline-model-parallel-size", str(pp)])
-    figures = plan.plan(args, 4, vocab_size(args))
+    config = parse_config(argv + ["--tensor-model-parallel-size", str(tp),
+                                  "--pipeline-model-parallel-size", str(pp)])
+    figures = plan.plan(config, 4, vocab_size(config))
     assert figures["layout"]["dp"] == 2
     for rank in ranks:
         stage = rank["stage"]

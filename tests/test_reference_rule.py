@@ -69,7 +69,7 @@ class _Recorder:
         def recording_after_step(step, batch, lr):
             stats = after_step(step, batch, lr)  # token level: sets batch.weights (alpha)
             self.steps[step].update(weights=batch.weights.clone(), normaliser=batch.normaliser,
-                                    stats=stats)
+                                    stats=stats.values)
             return stats
 
         hook.select, hook.after_step = recording_select, recording_after_step

@@ -157,11 +157,12 @@ def test_prefetched_reads_equal_direct_reads(demo_data, tokenizer, tmp_path):
     train, _, _ = build(tokenizer, tmp_path, ([demo_data.target_prefix], None))
     direct = train.read(train.ordered_ids(0, 48))
     prefetcher = Prefetcher(train)
+    train.read_ahead = prefetcher  # as the trainer, its owner, plugs it in
     try:
         prefetcher.start_step(train.ordered_ids(0, 32))   # read ahead for the next step
         prefetcher.start_step(train.ordered_ids(32, 16))  # that step begins
         assert torch.equal(train.read(train.ordered_ids(0, 48)), direct)
         assert prefetcher.hits == 32 and prefetcher.misses == 16
     finally:
+        train.read_ahead = None
         prefetcher.close()
-    assert train.prefetched is None

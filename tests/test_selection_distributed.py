@@ -57,6 +57,11 @@ def _flat(module):
     return torch.cat([p.detach().reshape(-1) for p in module.parameters()]).clone()
 
 
+def _chosen(batch) -> dict:
+    """Token level: the masks and excess the step's weight_fn chose by, per micro-batch."""
+    return getattr(batch.weight_fn, "chosen", {})
+
+
 def _record(trainer, direct):
     """Wrap the hook so each step keeps its block, scores, choices and reference changes."""
     hook, ref = trainer.hook, trainer.hook.reference
@@ -86,13 +91,14 @@ def _record(trainer, direct):
     def recording_after_step(step, batch, lr):
         row = steps[-1]
         row["scores"] = last.pop("scores", None)
-        if batch.chosen:
-            order = sorted(batch.chosen)
-            row["masks"] = torch.cat([batch.chosen[i][0] for i in order]).numpy()
-            row["excess"] = torch.cat([batch.chosen[i][1] for i in order]).numpy()
+        chosen = _chosen(batch)
+        if chosen:
+            order = sorted(chosen)
+            row["masks"] = torch.cat([chosen[i][0] for i in order]).numpy()
+            row["excess"] = torch.cat([chosen[i][1] for i in order]).numpy()
         stats = after_step(step, batch, lr)
-        row["stats"] = stats
-        if batch.chosen:  # the reference's L_train must see this step's alpha (the masks)
+        row["stats"] = stats.values
+        if chosen:  # the reference's L_train must see this step's alpha (the masks)
             replayed = hook.reference.replay[-1]
             row["last_batch_is_masked"] = bool(
                 replayed.step == step and replayed.weights is not None
@@ -143,12 +149,12 @@ def _nan_checks(argv):
                 trainer.learner.train_step(hook.microbatches(batch), batch.normaliser, 1e-3,
                                            batch.weight_fn)
                 stats = hook.after_step(1, batch, 1e-3)
-            row = {"block": block.ids, "kept": batch.ids, "stats": stats,
+            row = {"block": block.ids, "kept": batch.ids, "stats": stats.values,
                    "warnings": [str(w.message) for w in caught],
                    "sidecar_scored": float(trainer.hook.ctx.record.sidecars[0].sorted_rows()[1][:, 0].sum())}
-            if batch.chosen:
-                row["masks"] = torch.cat([batch.chosen[i][0]
-                                          for i in sorted(batch.chosen)]).numpy()
+            chosen = _chosen(batch)
+            if chosen:
+                row["masks"] = torch.cat([chosen[i][0] for i in sorted(chosen)]).numpy()
             results[(granularity, case)] = row
     return results
 
@@ -319,14 +325,14 @@ def test_unscorable_tokens_fall_back_to_uniform_with_a_warning(runs):
 def _train_runs(argvs):
     """Several Trainer runs in one process (each from scratch or from its own --load)."""
     from blade_mega.engine import cpu_compat, parallel
-    from blade_mega.config import parse_args
-    from blade_mega.pretrain import Trainer
+    from blade_mega.config import parse_config
+    from blade_mega.train.trainer import Trainer
 
     cpu_compat.install()
     _, layout = parallel.init_distributed(1, 1)
     try:
         for argv in argvs:
-            Trainer(parse_args(argv), layout).train()
+            Trainer(parse_config(argv), layout).train()
     finally:
         parallel.shutdown()
 
@@ -450,12 +456,12 @@ def test_resume_with_another_dp_size_continues_data_and_sidecar(demo_data, tmp_p
 
 
 def _resume_error(argv):
-    from blade_mega.config import parse_args
+    from blade_mega.config import parse_config
     from blade_mega.errors import UserError
     from blade_mega.pretrain import pretrain
 
     try:
-        pretrain(parse_args(argv))
+        pretrain(parse_config(argv))
     except UserError as err:
         return str(err)
     return ""

@@ -6,7 +6,7 @@ import math
 import numpy
 import pytest
 
-from blade_mega.config import parse_args, selection_config
+from blade_mega.config import parse_config
 from blade_mega.errors import UserError
 from blade_mega.train.flops import FlopCounter, forward_flops_per_token, sketch_flops_per_token
 from blade_mega.engine.model import PRESETS, ModelSize
@@ -52,8 +52,8 @@ def test_flop_counter_sums_roles_and_round_trips():
 
 # -- SelectionConfig ----------------------------------------------------------------------------
 def _config(*flags):
-    return selection_config(parse_args(["--vocab-size", "100", "--target-data-path", "v",
-                                        "--train-iters", "100", *flags]))
+    return parse_config(["--vocab-size", "100", "--target-data-path", "v",
+                         "--train-iters", "100", *flags]).selection
 
 
 def test_rho_gets_blades_reference_budget_in_model_passes():

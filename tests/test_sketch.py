@@ -33,11 +33,11 @@ def _argv(data, *extra):
 
 def _train_on_target(trainer, steps):
     """A few real learner steps on clean text (the target set)."""
-    target, batch = trainer.target_data, trainer.args.global_batch_size
+    target, batch = trainer.target_data, trainer.config.data.global_batch_size
     for step in range(steps):
         ids = target.ordered_ids(1000 + step * batch, batch)
         samples = torch.from_numpy(np.stack([target.tokens(int(i)) for i in ids]))
-        micro = split_microbatches(samples, trainer.args.micro_batch_size)
+        micro = split_microbatches(samples, trainer.config.data.micro_batch_size)
         trainer.learner.train_step(micro, batch * SEQ, 3e-3)
 
 
@@ -52,15 +52,15 @@ def spearman(a, b):
 # -- in-rank checks -----------------------------------------------------------------------------
 def _exact_rank(argv):
     from blade_mega.engine import cpu_compat, parallel
-    from blade_mega.config import parse_args
+    from blade_mega.config import parse_config
     from blade_mega.engine.model_engine import make_microbatch
-    from blade_mega.pretrain import Trainer
+    from blade_mega.train.trainer import Trainer
     from blade_mega.sketch.sketcher import GradientSketcher
 
     cpu_compat.install()
     _, layout = parallel.init_distributed(1, 1)
     try:
-        trainer = Trainer(parse_args(argv), layout)
+        trainer = Trainer(parse_config(argv), layout)
         _train_on_target(trainer, 6)
         hook, model = trainer.hook, trainer.learner.module
         sketcher = hook.sketcher

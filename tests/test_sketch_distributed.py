@@ -173,7 +173,7 @@ def _record_steps(hook):
     def recording_after_step(step, batch, lr):
         stats = after_step(step, batch, lr)
         if step >= WARMUP:
-            steps[-1]["stats"] = stats
+            steps[-1]["stats"] = stats.values
         return stats
 
     hook.block_scores, hook.select, hook.after_step = (recording_scores, recording_select,

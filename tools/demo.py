@@ -34,16 +34,12 @@ import time
 
 from blade_mega.atomic import write_atomic
 from blade_mega.errors import UserError, run_cli
+from blade_mega.selection.registry import method_names
 
-# ---- The methods compared, and the blade-pretrain flags of each (tune them here). ------------
-# Every selector runs with the flag defaults: `--selection blade` alone is the recommended
-# setting (chosen by the sweeps in docs/method.md), as bench/selection_quality.py measures it.
-METHODS: dict[str, list[str]] = {
-    "blade": ["--selection", "blade"],
-    "uniform": ["--selection", "uniform"],
-    "rho": ["--selection", "rho"],
-    "highloss": ["--selection", "highloss"],
-}
+# Every method (selection/registry.py) runs with the flag defaults: `--selection blade` alone
+# is the recommended setting (chosen by the sweeps in docs/method.md), as
+# bench/selection_quality.py measures it.
+METHODS = method_names()
 # --tiny: sizes for a pipeline check in seconds; method flags appended (later flags win).
 TINY = dict(size_mb=0.05, vocab_size=400, model_size="tiny", seq_length=32,
             global_batch_size=8, micro_batch_size=2, train_iters=4, eval_iters=1, log_interval=1,
@@ -227,7 +223,7 @@ class Demo:
                 "--save", run, "--save-interval", str(a.save_interval),
                 "--log-file", os.path.join(run, "log.jsonl"),
                 "--tensorboard-dir", os.path.join(run, "tensorboard"), "--no-progress"]
-        argv += METHODS[method]
+        argv += ["--selection", method]
         if a.tiny:
             argv += TINY_METHOD_FLAGS
         return argv

@@ -57,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _tokenizer(path, ckpt):
     from blade_mega.data.tokenizer import Tokenizer
 
-    path = path or ckpt.args.tokenizer_model
+    path = path or ckpt.config.model.tokenizer_model
     if not path or not os.path.isfile(path):
         raise UserError(f"{path}: no tokenizer model to detokenise with (bytes need it); pass "
                         "--tokenizer-model")
@@ -107,7 +107,7 @@ def evaluate(args) -> dict:
     from blade_mega.engine.parallel import Layout
 
     ckpt = read_checkpoint(args.load)
-    seq_length = args.seq_length or ckpt.args.seq_length
+    seq_length = args.seq_length or ckpt.config.data.seq_length
     if not 2 <= seq_length <= ckpt.size.max_position_embeddings:
         raise UserError(f"--seq-length {seq_length}: use 2 .. the model's "
                         f"{ckpt.size.max_position_embeddings} positions")

@@ -241,7 +241,7 @@ def save_tokenizer(tokenizer, directory: str, max_length: int) -> None:
 def _load_tokenizer(path, ckpt: Checkpoint):
     from blade_mega.data.tokenizer import Tokenizer
 
-    path = path or ckpt.args.tokenizer_model
+    path = path or ckpt.config.model.tokenizer_model
     if path is None:
         return None  # a --vocab-size run: no tokenizer to ship
     if not os.path.isfile(path):

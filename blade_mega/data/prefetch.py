@@ -25,7 +25,6 @@ class Prefetcher:
         self._ready: dict[int, np.ndarray] = {}
         self.hits = 0
         self.misses = 0
-        samples.prefetched = self
 
     def start_step(self, next_ids: np.ndarray) -> None:
         """Make what was read ahead for this step available, and start reading ``next_ids``
@@ -45,6 +44,4 @@ class Prefetcher:
         return tokens
 
     def close(self) -> None:
-        if self.samples.prefetched is self:
-            self.samples.prefetched = None
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -65,7 +65,8 @@ class SampleIndex:
         self.prefixes = [d.dataset.path_prefix for d in self.datasets]
         self.offsets = np.concatenate(
             [[0], np.cumsum([len(d) for d in self.datasets])]).astype(np.int64)
-        self.prefetched = None  # a data.prefetch.Prefetcher reading ahead, if any
+        # Samples read ahead (a data.prefetch.Prefetcher): its owner, the trainer, sets it.
+        self.read_ahead = None
         for d in self.datasets:
             _read_by_pread(d)
         if self._order is not None:
@@ -128,7 +129,7 @@ class SampleIndex:
             return torch.zeros(0, self.seq_length + 1, dtype=torch.int64)
         rows = []
         for global_id in global_ids:
-            ahead = self.prefetched.get(int(global_id)) if self.prefetched is not None else None
+            ahead = self.read_ahead.get(int(global_id)) if self.read_ahead is not None else None
             rows.append(ahead if ahead is not None else self.tokens(int(global_id)))
         return torch.from_numpy(np.stack(rows))
 

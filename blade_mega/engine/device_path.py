@@ -35,11 +35,11 @@ class DevicePath:
     # needs TE's or Apex's norm.
     sequence_parallel: bool = False
 
-    def check(self, args) -> None:
-        """Refuse flags this path cannot run, in one line."""
+    def check(self, model) -> None:
+        """Refuse flags this path cannot run (a ``ModelConfig``), in one line."""
         from blade_mega.errors import UserError
 
-        if getattr(args, "sequence_parallel", False) and not self.sequence_parallel:
+        if model.sequence_parallel and not self.sequence_parallel:
             raise UserError(f"--sequence-parallel needs Transformer Engine or Apex's fused "
                             f"LayerNorm (Megatron-Core's torch LayerNorm cannot shard over the "
                             f"sequence), and this machine ({self.device}) has neither; install "
@@ -100,5 +100,5 @@ def environment() -> tuple[bool, bool, bool]:
     return cuda, te, apex
 
 
-def detect(args=None) -> DevicePath:
+def detect() -> DevicePath:
     return choose(*environment())

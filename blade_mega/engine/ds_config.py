@@ -93,14 +93,14 @@ def merge(user: dict, ours: dict, path: str, *, global_batch_size: int, lr_flag:
     return merged
 
 
-def for_run(args, dp: int, offload: bool = False) -> dict:
-    """The config of one engine of this run (``offload``: its optimizer state in host memory,
-    the reference's with ``--reference-offload``)."""
+def for_run(config, dp: int, offload: bool = False) -> dict:
+    """The DeepSpeed config of one engine of this run (a ``RunConfig``; ``offload``: its
+    optimizer state in host memory, the reference's with ``--reference-offload``)."""
     ours = deepspeed_config(
-        micro_batch_size=args.micro_batch_size, dp=dp, lr=args.lr, zero_stage=args.zero_stage,
-        weight_decay=args.weight_decay, clip_grad=args.clip_grad, bf16=args.bf16,
-        offload_optimizer=offload)
-    if not args.deepspeed_config:
+        micro_batch_size=config.data.micro_batch_size, dp=dp, lr=config.train.lr,
+        zero_stage=config.parallel.zero_stage, weight_decay=config.train.weight_decay,
+        clip_grad=config.train.clip_grad, bf16=config.model.bf16, offload_optimizer=offload)
+    path = config.parallel.deepspeed_config
+    if not path:
         return ours
-    return merge(load(args.deepspeed_config), ours, args.deepspeed_config,
-                 global_batch_size=args.global_batch_size)
+    return merge(load(path), ours, path, global_batch_size=config.data.global_batch_size)

@@ -209,12 +209,12 @@ def layer_spec(normalization: str = "LayerNorm"):
     return spec
 
 
-def speed_options(args) -> dict:
-    """TransformerConfig fields from --recompute-* and --sequence-parallel."""
-    return {"recompute_granularity": getattr(args, "recompute_granularity", None),
-            "recompute_method": getattr(args, "recompute_method", None),
-            "recompute_num_layers": getattr(args, "recompute_num_layers", None),
-            "sequence_parallel": bool(getattr(args, "sequence_parallel", False))}
+def speed_options(model) -> dict:
+    """TransformerConfig fields from --recompute-* and --sequence-parallel (a ``ModelConfig``)."""
+    return {"recompute_granularity": model.recompute_granularity,
+            "recompute_method": model.recompute_method,
+            "recompute_num_layers": model.recompute_num_layers,
+            "sequence_parallel": model.sequence_parallel}
 
 
 def transformer_config(size: ModelSize, *, bf16: bool = False, dropout: float = 0.0,

@@ -20,31 +20,32 @@ gloo ranks); byte figures follow DeepSpeed's allocation:
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 
-from blade_mega.config import check_layout, model_size
+from blade_mega.engine.model import ModelSize, padded_vocab_size
 from blade_mega.engine.model_engine import check_zero_schedule
-from blade_mega.errors import UserError
-from blade_mega.engine.model import PRESETS, ModelSize, padded_vocab_size
 from blade_mega.engine.parallel import Layout
+from blade_mega.errors import UserError
 
 GIB = 2**30
 
 
-def _arch(size: ModelSize, args, name: str, default):
-    """An architecture choice from the size (a preset may fix it) or the flags, else ``default``."""
-    value = getattr(size, name, None)
-    if value is None:
-        value = getattr(args, name, None)
-    return default if value is None else value
+def microbatches_per_step(config, dp: int) -> int:
+    """Batch arithmetic for this layout: micro-batches per step per DP rank."""
+    data = config.data
+    per_step = data.micro_batch_size * dp
+    if data.global_batch_size % per_step:
+        raise UserError(f"--global-batch-size {data.global_batch_size} is not divisible by "
+                        f"--micro-batch-size {data.micro_batch_size} x data-parallel size {dp}; "
+                        f"use a multiple of {per_step}")
+    return data.global_batch_size // per_step
 
 
-def check_model_layout(size: ModelSize, tp: int, pp: int, args=None) -> None:
+def check_model_layout(size: ModelSize, tp: int, pp: int) -> None:
     """What Megatron-Core asserts deep inside model building, as one line naming the flags."""
     heads = size.num_attention_heads
-    groups = _arch(size, args, "num_query_groups", heads)
+    groups = size.query_groups
     if heads % tp:
         raise UserError(f"--tensor-model-parallel-size {tp} does not divide --num-attention-heads "
                         f"{heads}; use a TP size that divides the heads")
@@ -59,16 +60,17 @@ def check_model_layout(size: ModelSize, tp: int, pp: int, args=None) -> None:
                         f"{size.num_layers}; use a PP size that divides the layers")
 
 
-def stage_parameters(size: ModelSize, vocab: int, tp: int, pp: int, args=None) -> list[int]:
+def stage_parameters(size: ModelSize, vocab: int, tp: int, pp: int,
+                     divisible_by: int = 128) -> list[int]:
     """Parameters one TP rank of each pipeline stage holds (replicated norms and biases count on
-    every TP rank, as they are allocated there)."""
+    every TP rank, as they are allocated there); ``divisible_by``: the vocab padding unit."""
     h, f, layers = size.hidden_size, size.ffn_hidden_size, size.num_layers
     heads = size.num_attention_heads
-    groups = _arch(size, args, "num_query_groups", heads)
+    groups = size.query_groups
     head_dim = h // heads
-    bias = not _arch(size, args, "disable_bias_linear", False)
-    gated = _arch(size, args, "swiglu", False)
-    norm = 1 if _arch(size, args, "normalization", "LayerNorm") == "RMSNorm" else 2  # weight, bias
+    bias = size.add_bias_linear
+    gated = size.swiglu
+    norm = 1 if size.normalization == "RMSNorm" else 2  # weight, bias
     qkv = (heads + 2 * groups) * head_dim // tp
     fc1 = (2 if gated else 1) * f // tp
     per_layer = (norm * h                      # input norm
@@ -77,7 +79,7 @@ def stage_parameters(size: ModelSize, vocab: int, tp: int, pp: int, args=None) -
                  + norm * h                     # pre-MLP norm
                  + fc1 * h + bias * fc1         # linear_fc1
                  + h * (f // tp) + bias * h)    # linear_fc2
-    padded = padded_vocab_size(vocab, tp, getattr(args, "make_vocab_size_divisible_by", 128))
+    padded = padded_vocab_size(vocab, tp, divisible_by)
     stages = []
     for stage in range(pp):
         count = per_layer * (layers // pp)
@@ -97,18 +99,6 @@ class ModelPlan:
     stages: list[int]  # parameters per rank, by pipeline stage
 
 
-def models_of_run(args, learner: ModelSize) -> list[tuple[str, ModelSize, bool]]:
-    """(role, size, optimizer offloaded) of every engine the selection method builds."""
-    out = [("learner", learner, False)]
-    if args.selection in ("rho", "blade"):
-        if args.selection == "blade" and args.reference_model != "same":
-            proxy = PRESETS[args.reference_model]
-            out += [("proxy", proxy, False), ("proxy_reference", proxy, args.reference_offload)]
-        else:
-            out.append(("reference", learner, args.reference_offload))
-    return out
-
-
 def model_bytes(params: int, *, dp: int, zero_stage: int, bf16: bool, offload: bool) -> dict:
     """Device (and host) bytes of one rank's share of one model."""
     width = 2 if bf16 else 4
@@ -124,51 +114,53 @@ def model_bytes(params: int, *, dp: int, zero_stage: int, bf16: bool, offload: b
     return out
 
 
-def activation_bytes(size: ModelSize, args, *, tp: int, pp: int, vocab: int, bf16: bool
+def activation_bytes(size: ModelSize, config, *, tp: int, pp: int, vocab: int, bf16: bool
                      ) -> dict:
     """Activation bytes of one micro-batch on the busiest stage, by recompute choice."""
-    s, b, h, a = args.seq_length, args.micro_batch_size, size.hidden_size, size.num_attention_heads
+    s, b = config.data.seq_length, config.data.micro_batch_size
+    h, a = size.hidden_size, size.num_attention_heads
     layers = size.num_layers // pp
     scale = (2 if bf16 else 4) / 2  # the paper's figures are for 16-bit activations
-    sp = bool(getattr(args, "sequence_parallel", False)) and tp > 1
+    sp = config.model.sequence_parallel and tp > 1
     scores = 5 * a * s / (h * tp)                    # attention scores, softmax, dropout mask
     rest = 34 / tp if sp else 10 + 24 / tp
     per_layer = {"none": s * b * h * (rest + scores) * scale,
                  "selective": s * b * h * rest * scale}  # core attention recomputed
     # full: each layer keeps its input only; one layer's activations live during its recompute
     full_input = 2 * s * b * h * scale / (tp if sp else 1)
-    padded = padded_vocab_size(vocab, tp, getattr(args, "make_vocab_size_divisible_by", 128))
+    padded = padded_vocab_size(vocab, tp, config.model.make_vocab_size_divisible_by)
     logits = 2 * 4 * s * b * padded // tp  # fp32 logits and their gradient
     out = {kind: int(value * layers) for kind, value in per_layer.items()}
     out["full"] = int(full_input * layers + per_layer["none"])
     return {**out, "logits_last_stage": int(logits)}
 
 
-def plan(args: argparse.Namespace, world_size: int, vocab: int) -> dict:
-    """The figures of ``--dry-run`` for ``world_size`` ranks; raises UserError for what cannot
-    work."""
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+def plan(config, world_size: int, vocab: int) -> dict:
+    """The figures of ``--dry-run`` (a ``RunConfig``) for ``world_size`` ranks; raises UserError
+    for what cannot work."""
+    parallel = config.parallel
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    zero_stage = parallel.zero_stage
+    divisible_by = config.model.make_vocab_size_divisible_by
     layout = Layout.from_world(world_size, tp, pp)
-    microbatches = check_layout(args, layout.dp)
-    check_zero_schedule(args.zero_stage, microbatches)
-    if args.selection == "blade" and args.zero_stage >= 2 and args.blade_lambda > 0:
-        raise UserError("--zero-stage 2 with --selection blade and --blade-lambda > 0: reference "
-                        "steps run several micro-batches; use --zero-stage 1 or --blade-lambda 0")
-    size = model_size(args)
-    check_model_layout(size, tp, pp, args)
-    bf16 = bool(args.bf16)
+    microbatches = microbatches_per_step(config, layout.dp)
+    check_zero_schedule(zero_stage, microbatches)
+    size = config.model.size
+    check_model_layout(size, tp, pp)
+    bf16 = config.model.bf16
     models = []
-    for role, msize, offload in models_of_run(args, size):
-        check_model_layout(msize, tp, pp, args)
-        models.append(ModelPlan(role, msize, offload, stage_parameters(msize, vocab, tp, pp, args)))
+    for engine in config.method_spec.engines(config, size):
+        check_model_layout(engine.size, tp, pp)
+        models.append(ModelPlan(engine.role, engine.size, engine.offload,
+                                stage_parameters(engine.size, vocab, tp, pp, divisible_by)))
     # The busiest pipeline stage decides what one GPU must hold.
     by_stage = []
     for stage in range(pp):
-        parts = {m.role: model_bytes(m.stages[stage], dp=layout.dp, zero_stage=args.zero_stage,
+        parts = {m.role: model_bytes(m.stages[stage], dp=layout.dp, zero_stage=zero_stage,
                                      bf16=bf16, offload=m.offload) for m in models}
         by_stage.append(parts)
-    activations = activation_bytes(size, args, tp=tp, pp=pp, vocab=vocab, bf16=bf16)
-    recompute = getattr(args, "recompute_granularity", None) or "none"
+    activations = activation_bytes(size, config, tp=tp, pp=pp, vocab=vocab, bf16=bf16)
+    recompute = config.model.recompute_granularity or "none"
     in_flight = min(pp, microbatches)
 
     def device_total(stage: int) -> int:
@@ -192,9 +184,9 @@ def plan(args: argparse.Namespace, world_size: int, vocab: int) -> dict:
         "world_size": world_size,
         "layout": layout.__dict__,
         "microbatches_per_step": microbatches,
-        "zero_stage": args.zero_stage,
+        "zero_stage": zero_stage,
         "dtype": "bf16" if bf16 else "fp32",
-        "parameters_total": {m.role: stage_parameters(m.size, vocab, 1, 1, args)[0]
+        "parameters_total": {m.role: stage_parameters(m.size, vocab, 1, 1, divisible_by)[0]
                              for m in models},
         "parameters_per_rank": {m.role: m.stages for m in models},
         "busiest_stage": busiest,

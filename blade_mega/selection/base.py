@@ -1,16 +1,19 @@
-"""The selection plug-in interface, and ``uniform`` (no selection) as its plainest plug-in.
+"""The selection plug-in interface: what the loop calls, what a hook gets, what it returns.
 
 The loop calls a hook at fixed points, like OLMo-core's ``Callback(Stateful)``:
 
+    hook.before_training()                  # once, on a fresh start (not on resume)
     block = sampler.block(step, consumed, hook.block_size(step))   # candidate ids (global)
     batch = hook.select(step, block.ids)    # this rank's samples + token weights
     losses = learner.train_step(...)        # masked loss in Megatron's forward step
-    metrics = hook.after_step(step, batch, lr)       # reference sync/training, sidecar
-    hook.state_dict() / hook.load_state_dict()       # with every checkpoint
+    stats = hook.after_step(step, batch, lr)         # StepStats: reference sync/training
+    hook.state_dict() / hook.load_state_dict()       # its small state, in the run state file
+    hook.save_files(dir) / hook.load_files(dir)      # its own engines' files, if any
 
-A hook gets everything it needs in a ``SelectionContext``: the resolved ``SelectionConfig`` (never
-the flags), process groups passed in (never looked up from globals inside the hook), the run's
-``SelectionRecord`` (sidecars, kept/noise statistics) and its ``FlopCounter``.
+A hook gets everything it needs in a ``SelectionContext``: the frozen ``RunConfig`` (never the
+flags), process groups passed in (never looked up from globals inside the hook), the run's
+``SelectionRecord`` (sidecars, kept/noise statistics) and its ``FlopCounter``. The sidecars are
+the record's, saved by the checkpointer as a part of their own; hooks only report to them.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from blade_mega.config import SelectionConfig
+from blade_mega.config import RunConfig
 from blade_mega.data.sample_index import SampleIndex
 from blade_mega.engine.model_engine import ModelEngine, comm_device, split_microbatches
 from blade_mega.errors import UserError
@@ -84,7 +87,7 @@ class ProcessGroups:
 
 @dataclass
 class SelectionContext:
-    config: SelectionConfig
+    config: RunConfig
     learner: ModelEngine
     train: SampleIndex
     target: Optional[SampleIndex]
@@ -96,11 +99,11 @@ class SelectionContext:
 
     @property
     def global_batch(self) -> int:
-        return self.config.global_batch
+        return self.config.data.global_batch_size
 
     @property
     def tokens_per_sample(self) -> int:
-        return self.config.seq_length
+        return self.config.data.seq_length
 
 
 @dataclass
@@ -110,22 +113,31 @@ class TrainBatch:
     samples: torch.Tensor         # [n, s+1] token windows
     weights: torch.Tensor         # [n, s] per-token loss weights (alpha)
     normaliser: float             # total weight of the global batch (fixed before the step)
-    weight_fn: Optional[Callable] = None  # token level: decides weights from the learner's losses
+    # Token level: decides each micro-batch's weights from the learner's losses inside its
+    # training forward (engine.ModelEngine.train_step calls it on the last stage).
+    weight_fn: Optional[Callable] = None
     candidates: Optional[np.ndarray] = None  # the whole block (global ids), when selecting
     stats: dict = field(default_factory=dict)
-    chosen: dict = field(default_factory=dict)  # token level: micro-batch -> (mask, scores)
+
+
+@dataclass
+class StepStats:
+    """What a hook reports after a step: ``values`` (numbers, or dicts of numbers) are averaged
+    over the log window into the ``train`` record; ``dropped_steps`` counts, by model
+    (``reference``, ``proxy``), the non-finite steps of the hook's own models that it dropped,
+    which the loop logs as ``bad_step`` records."""
+    values: dict = field(default_factory=dict)
+    dropped_steps: dict = field(default_factory=dict)
 
 
 class SelectionHook:
-    """``--selection uniform``: train on the block as read. Base class of every plug-in.
+    """Base class of every selection plug-in: helpers and the default (no-op) call points.
 
     Selectors that score candidates set ``keeps_sidecar`` and report each selection round with
     ``train_on_kept`` (sample level) or ``record_selection``, so the sidecar, its checkpointing
     and the kept and noise statistics are the same for all of them (``SelectionRecord``).
-    Uniform scores nothing: it keeps no sidecar.
     """
 
-    name = "uniform"
     keeps_sidecar = False
     score_name = "score"  # what a selector scores: names its <score_name>_kept/_dropped stats
 
@@ -139,37 +151,27 @@ class SelectionHook:
         return self.ctx.global_batch
 
     def before_training(self) -> None:
-        """Once, after the learner exists and any checkpoint is loaded."""
+        """Once, on a fresh start (or a --finetune start, after its weights are loaded); a
+        resumed run restores what it set up from the checkpoint instead."""
 
     def select(self, step: int, block_ids: np.ndarray) -> TrainBatch:
-        ids = self.local_share(block_ids)
-        samples = self.read(ids)
-        weights = torch.ones(samples.size(0), samples.size(1) - 1)
-        stats = self.ctx.record.noise_stats(block_ids, np.ones(len(block_ids)))
-        return TrainBatch(ids, samples, weights, self.uniform_normaliser(), stats=stats)
+        raise NotImplementedError
 
-    def after_step(self, step: int, batch: TrainBatch, lr: float) -> dict:
-        return dict(batch.stats)
+    def after_step(self, step: int, batch: TrainBatch, lr: float) -> StepStats:
+        return StepStats(dict(batch.stats))
 
     def state_dict(self) -> dict:
-        """The hook's small run state (per rank). Sidecars are not in it: they are files,
-        written once per checkpoint by ``save_engines``."""
+        """The hook's small run state (per rank), stored in the run state file."""
         return {}
 
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def save_engines(self, directory: str) -> None:
-        """Save the hook's own files into ``directory``: the sidecars here (every rank holds the
-        same rows, so rank 0 writes them, once); subclasses add their extra model engines."""
-        if self.keeps_sidecar and torch.distributed.get_rank() == 0:
-            self.ctx.record.save(directory)
+    def save_files(self, directory: str) -> None:
+        """Save the hook's own model engines into ``directory`` (a checkpoint's)."""
 
-    def load_engines(self, directory: str, load_optimizer: bool = True) -> None:
-        """Read the sidecars saved in ``directory`` (every rank reads the same files);
-        subclasses load their engines (without optimizer state if not ``load_optimizer``)."""
-        if self.keeps_sidecar:
-            self.ctx.record.load(directory)
+    def load_files(self, directory: str, load_optimizer: bool = True) -> None:
+        """Load what ``save_files`` wrote (without optimizer state if not ``load_optimizer``)."""
 
     # -- helpers for plug-ins ----------------------------------------------------------------
     def local_share(self, ids: np.ndarray) -> np.ndarray:
@@ -178,17 +180,26 @@ class SelectionHook:
     def read(self, ids: np.ndarray) -> torch.Tensor:
         return self.ctx.train.read(ids)
 
+    def uniform_batch(self, block_ids: np.ndarray) -> TrainBatch:
+        """The block as read, every token weighted 1 (uniform, and any warm-up step)."""
+        ids = self.local_share(block_ids)
+        samples = self.read(ids)
+        weights = torch.ones(samples.size(0), samples.size(1) - 1)
+        stats = self.ctx.record.noise_stats(block_ids, np.ones(len(block_ids)))
+        return TrainBatch(ids, samples, weights, self.uniform_normaliser(), stats=stats)
+
     def candidate_block(self) -> int:
-        """Size of a sample-level candidate block: global_batch / keep_ratio samples, which each
+        """Size of a candidate block (the method's rule, ``MethodSpec.candidates``), which each
         DP rank scores in whole micro-batches."""
         config = self.config
-        block = int(round(self.ctx.global_batch / config.keep_ratio))
-        unit = self.groups.dp_size * config.micro_batch
+        block = config.method_spec.candidates(config)
+        unit = self.groups.dp_size * config.data.micro_batch_size
         if block % unit:
             raise UserError(
-                f"--selection {config.method} scores a block of {block} = --global-batch-size / "
-                f"--keep-ratio samples, which must be a multiple of --micro-batch-size x "
-                f"data-parallel size = {unit}; adjust --keep-ratio or the batch sizes")
+                f"--selection {config.selection.method} scores a block of {block} = "
+                f"--global-batch-size / --keep-ratio samples, which must be a multiple of "
+                f"--micro-batch-size x data-parallel size = {unit}; adjust --keep-ratio or the "
+                "batch sizes")
         return block
 
     def train_on(self, block_ids: np.ndarray, keep: np.ndarray, stats: dict) -> TrainBatch:
@@ -229,4 +240,4 @@ class SelectionHook:
         return float(self.ctx.global_batch * self.ctx.tokens_per_sample)
 
     def microbatches(self, batch: TrainBatch):
-        return split_microbatches(batch.samples, self.config.micro_batch, batch.weights)
+        return split_microbatches(batch.samples, self.config.data.micro_batch_size, batch.weights)

@@ -30,15 +30,16 @@ from typing import Optional
 import numpy as np
 import torch
 
+from blade_mega.engine.model import PRESETS
 from blade_mega.engine.model_engine import ModelEngine, broadcast_from_last_stage
 from blade_mega.errors import UserError
-from blade_mega.train.flops import TRAIN
-from blade_mega.engine.model import PRESETS
-from blade_mega.selection.base import SelectionContext, SelectionHook, TrainBatch
+from blade_mega.selection.base import SelectionContext, SelectionHook, StepStats, TrainBatch
+from blade_mega.selection.methods import kept_tokens_per_microbatch
 from blade_mega.selection.reference import Reference
 from blade_mega.sketch.diversity import greedy_diverse_top_k
-from blade_mega.sketch.sketcher import GradientSketcher, check_sketch_dim
+from blade_mega.sketch.sketcher import GradientSketcher
 from blade_mega.sketch.whole import whole_sketches
+from blade_mega.train.flops import TRAIN
 
 
 def top_k_samples(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
@@ -61,6 +62,35 @@ def top_k_token_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask.view_as(scores)
 
 
+class TokenSelection:
+    """Token level: the weights of each micro-batch, decided inside the learner's training
+    forward from its per-token losses (``weight_fn`` of the step's ``TrainBatch``): the top
+    ``k`` excess losses of the micro-batch are kept. ``chosen`` records, by micro-batch, the
+    mask and the excess it was chosen by (on the last pipeline stage, where the losses are)."""
+
+    def __init__(self, micro_batch: int, k: int, reference_losses: Optional[torch.Tensor],
+                 proxy_losses: Optional[torch.Tensor]):
+        self.micro_batch = micro_batch
+        self.k = k
+        self.reference_losses = reference_losses
+        self.proxy_losses = proxy_losses
+        self.chosen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, index: int, learner_losses: torch.Tensor, weights: torch.Tensor
+                 ) -> torch.Tensor:
+        rows = slice(index * self.micro_batch, (index + 1) * self.micro_batch)
+        excess = learner_losses.cpu() if self.proxy_losses is None else self.proxy_losses[rows]
+        if self.reference_losses is not None:
+            excess = excess - self.reference_losses[rows]
+        mask = top_k_token_mask(excess, self.k)
+        if not torch.isfinite(excess).any():
+            warnings.warn(f"no finite token scores in micro-batch {index}; training on it "
+                          "uniformly (weight k / tokens each) this step")
+            mask = torch.full_like(excess, self.k / excess.numel())
+        self.chosen[index] = (mask, excess)
+        return weights * mask.to(weights.device, weights.dtype)
+
+
 class ExcessLossSelector(SelectionHook):
     """Base of highloss (no reference), rho (static reference) and blade (dynamic reference)."""
 
@@ -70,27 +100,22 @@ class ExcessLossSelector(SelectionHook):
     def __init__(self, ctx: SelectionContext, reference: Optional[Reference],
                  proxy: Optional[ModelEngine] = None, proxy_size=None):
         super().__init__(ctx)
-        config = self.config
+        selection = self.config.selection
         self.reference = reference
         # The learner-side scorer: the learner itself, or the small proxy learner u' of a
         # proxy pair (--reference-model PRESET), which trains on the same selected batches.
         self.proxy = proxy
         self.scorer = proxy if proxy is not None else ctx.learner
         self.scorer_size = proxy_size if proxy is not None else ctx.learner_size
-        self.token_level = config.token_level
-        self.keep_ratio = config.keep_ratio
-        self.warmup = config.warmup_steps
+        self.token_level = selection.token_level
+        self.warmup = selection.warmup_steps
         self._ref_bad_seen = 0  # reference.bad_steps already reported
         self.block = None if self.token_level else self.candidate_block()
-        self.diversity = config.diversity
+        self.diversity = selection.diversity
         self.sketcher = None
         if self.diversity > 0:
-            try:
-                check_sketch_dim(config.sketch_dim)
-            except ValueError as err:
-                raise UserError(f"--sketch-dim: {err}") from None
             self.sketcher = GradientSketcher(self.scorer.module, self.scorer.runner,
-                                             config.sketch_dim, config.seed)
+                                             selection.sketch_dim, self.config.data.seed)
 
     # -- call points ---------------------------------------------------------------------------
     def block_size(self, step: int) -> int:
@@ -100,19 +125,19 @@ class ExcessLossSelector(SelectionHook):
 
     def select(self, step: int, block_ids: np.ndarray) -> TrainBatch:
         if step < self.warmup:
-            return super().select(step, block_ids)
+            return self.uniform_batch(block_ids)
         if self.reference is not None and self.reference.due(step, self.warmup):
             self.reference.sync_and_train(self.scorer, step)
         if self.token_level:
             return self._select_tokens(block_ids)
         return self._select_samples(block_ids)
 
-    def after_step(self, step: int, batch: TrainBatch, lr: float) -> dict:
+    def after_step(self, step: int, batch: TrainBatch, lr: float) -> StepStats:
         if step >= self.warmup and self.token_level:
             self._finish_token_step(batch)  # sets batch.weights to this step's masks (alpha)
         if self.reference is not None:  # for L_train(alpha) at the next sync
             self.reference.remember(step, batch.ids, batch.weights, batch.normaliser)
-        dropped = {}  # non-finite steps of the other models, dropped: the trainer logs them
+        dropped = {}  # non-finite steps of the hook's own models, dropped: the loop logs them
         if self.proxy is not None:  # u' follows u: same batch, same alpha
             if not self.proxy.train_step(self.microbatches(batch), batch.normaliser, lr)[1]:
                 dropped["proxy"] = 1
@@ -121,16 +146,16 @@ class ExcessLossSelector(SelectionHook):
             dropped["reference"] = self.reference.bad_steps - self._ref_bad_seen
             self._ref_bad_seen = self.reference.bad_steps
         if step < self.warmup:
-            return {"selecting": 0.0, "dropped_steps": dropped}
+            return StepStats({"selecting": 0.0}, dropped)
         stats = dict(batch.stats, selecting=1.0,
-                     hook_comm_bytes=float(self.groups.take_sent_bytes()), dropped_steps=dropped)
+                     hook_comm_bytes=float(self.groups.take_sent_bytes()))
         if self.reference is not None:
             stats["ref_divergence"] = self.reference.last_divergence
             stats["ref_syncs"] = float(self.reference.syncs)
             stats["ref_bad_steps"] = float(self.reference.bad_steps)
             # 1 on the step that synced: its window mean x selecting steps counts the syncs.
             stats["ref_synced"] = float(self.reference.last_sync_step == step)
-        return stats
+        return StepStats(stats, dropped)
 
     # -- scoring ---------------------------------------------------------------------------
     def sample_scores(self, block_ids: np.ndarray, samples: Optional[torch.Tensor] = None
@@ -158,7 +183,8 @@ class ExcessLossSelector(SelectionHook):
         if self.sketcher is None:
             keep = top_k_samples(scores, block_ids, batch)
         else:
-            self.ctx.flops.add_sketch(self.scorer_size, len(block_ids), self.config.sketch_dim)
+            self.ctx.flops.add_sketch(self.scorer_size, len(block_ids),
+                                      self.config.selection.sketch_dim)
             sketches = whole_sketches(self.sketcher.sketch(samples), self.sketcher,
                                       self.groups).double()
             gram = (sketches @ sketches.T).cpu().numpy()
@@ -178,28 +204,12 @@ class ExcessLossSelector(SelectionHook):
         if self.proxy is not None:
             proxy_losses = self.proxy.token_losses(samples, everywhere=False)
             ctx.flops.add("scoring", self.scorer_size, len(block_ids), 1)
-        micro = self.config.micro_batch
-        k = int(round(self.keep_ratio * micro * ctx.tokens_per_sample))
-        chosen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def weight_fn(index: int, learner_losses: torch.Tensor, weights: torch.Tensor):
-            rows = slice(index * micro, (index + 1) * micro)
-            excess = learner_losses.cpu() if proxy_losses is None else proxy_losses[rows]
-            if reference_losses is not None:
-                excess = excess - reference_losses[rows]
-            mask = top_k_token_mask(excess, k)
-            if not torch.isfinite(excess).any():
-                warnings.warn(f"no finite token scores in micro-batch {index}; training on it "
-                              "uniformly (weight k / tokens each) this step")
-                mask = torch.full_like(excess, k / excess.numel())
-            chosen[index] = (mask, excess)
-            return weights * mask.to(weights.device, weights.dtype)
-
+        micro = self.config.data.micro_batch_size
+        k = kept_tokens_per_microbatch(self.config)
+        weight_fn = TokenSelection(micro, k, reference_losses, proxy_losses)
         normaliser = float((ctx.global_batch // micro) * k)
-        batch = TrainBatch(ids, samples, torch.ones(samples.size(0), samples.size(1) - 1),
-                           normaliser, weight_fn=weight_fn, candidates=block_ids)
-        batch.chosen = chosen
-        return batch
+        return TrainBatch(ids, samples, torch.ones(samples.size(0), samples.size(1) - 1),
+                          normaliser, weight_fn=weight_fn, candidates=block_ids)
 
     def _finish_token_step(self, batch: TrainBatch) -> None:
         """Masks exist on the last stage only: share per-sample summaries with every rank."""
@@ -207,9 +217,10 @@ class ExcessLossSelector(SelectionHook):
         n = batch.samples.size(0)
         summary = None
         if ctx.groups.is_last_stage:
-            order = sorted(batch.chosen)
-            masks = torch.cat([batch.chosen[i][0] for i in order])
-            excess = torch.cat([batch.chosen[i][1] for i in order])
+            chosen = batch.weight_fn.chosen
+            order = sorted(chosen)
+            masks = torch.cat([chosen[i][0] for i in order])
+            excess = torch.cat([chosen[i][1] for i in order])
             batch.weights = masks  # alpha of this step, for the reference's L_train
             finite = torch.isfinite(excess)
             safe = torch.where(finite, excess, torch.zeros_like(excess))
@@ -251,14 +262,13 @@ class ExcessLossSelector(SelectionHook):
             self.reference.load_state_dict(state["reference"])
             self._ref_bad_seen = self.reference.bad_steps
 
-    def save_engines(self, directory: str) -> None:
+    def save_files(self, directory: str) -> None:
         if self.reference is not None:
             self.reference.save(directory)
         if self.proxy is not None:
             self.proxy.engine.save_checkpoint(directory, tag="proxy", save_latest=False)
-        super().save_engines(directory)
 
-    def load_engines(self, directory: str, load_optimizer: bool = True) -> None:
+    def load_files(self, directory: str, load_optimizer: bool = True) -> None:
         saved_proxy = os.path.isdir(os.path.join(directory, "proxy"))
         if self.proxy is None and self.reference is not None and saved_proxy:
             raise UserError(f"{directory}: saved with a proxy pair (it holds proxy/); resume "
@@ -266,10 +276,8 @@ class ExcessLossSelector(SelectionHook):
                             "record of its train log names it)")
         if self.proxy is not None and not saved_proxy:
             raise UserError(f"{os.path.join(directory, 'proxy')}: proxy learner checkpoint "
-                            "missing: the run was saved with the same-size reference "
-                            "(the default before --reference-model auto); resume with "
+                            "missing: the run was saved with the same-size reference; resume with "
                             "--reference-model same")
-        super().load_engines(directory, load_optimizer)
         if self.reference is not None:
             self.reference.load(directory, load_optimizer)
         if self.proxy is not None:
@@ -284,7 +292,6 @@ class ExcessLossSelector(SelectionHook):
 
 class HighLossSelector(ExcessLossSelector):
     """``--selection highloss``: keep what the learner finds hardest (no reference)."""
-    name = "highloss"
 
     def __init__(self, ctx: SelectionContext):
         super().__init__(ctx, None)
@@ -294,18 +301,14 @@ class RhoSelector(ExcessLossSelector):
     """``--selection rho``: RHO-LOSS / Rho-1 with a static reference trained once on V.
 
     Its budget (``--rho-ref-steps``, by default blade's reference training in model passes) runs
-    at the first selecting step, with its own learning-rate warm-up and decay."""
-    name = "rho"
+    at the first selecting step, with its own learning-rate warm-up and decay; the reference rule
+    is the resolved config's (one sync, lambda 0: selection/methods.py, ``rho_reference``)."""
 
     def __init__(self, ctx: SelectionContext):
-        config = ctx.config
-        reference = Reference(ctx, sync_interval=math.inf, steps_per_sync=0,
-                              first_steps=config.first_ref_steps, lam=0.0,
-                              optimizer_state=config.optimizer_state, lr=config.reference_lr,
-                              offload=config.reference_offload)
+        reference = Reference(ctx)
         super().__init__(ctx, reference)
-        if config.rho_ref_load:
-            reference.load_weights_only(config.rho_ref_load)
+        if ctx.config.selection.rho_ref_load:
+            reference.load_weights_only(ctx.config.selection.rho_ref_load)
             reference.copy_on_sync = False
 
 
@@ -315,21 +318,10 @@ class BladeSelector(ExcessLossSelector):
     With ``--reference-model PRESET`` it scores with a small proxy pair instead: a proxy
     learner u' (trained on the learner's selected batches) and its reference w' (synced from u').
     """
-    name = "blade"
 
     def __init__(self, ctx: SelectionContext):
-        config = ctx.config
-        if config.zero_stage >= 2 and config.lam > 0:
-            raise UserError(
-                "--zero-stage 2 with --selection blade and --blade-lambda > 0: each reference "
-                "step runs the V batch and the selected batch (several micro-batches), which "
-                "ZeRO-2 cannot accumulate; use --zero-stage 1 or --blade-lambda 0")
-        proxy_size = PRESETS[config.proxy] if config.proxy else None
+        preset = ctx.config.selection.proxy
+        proxy_size = PRESETS[preset] if preset else None
         proxy = ctx.build_engine(proxy_size, False) if proxy_size else None
-        reference = Reference(ctx, sync_interval=config.sync_interval,
-                              steps_per_sync=config.ref_steps,
-                              first_steps=config.first_ref_steps, lam=config.lam,
-                              beta=config.sync_beta, optimizer_state=config.optimizer_state,
-                              lr=config.reference_lr, offload=config.reference_offload,
-                              size=proxy_size)
+        reference = Reference(ctx, size=proxy_size)
         super().__init__(ctx, reference, proxy, proxy_size)

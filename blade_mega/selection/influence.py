@@ -24,36 +24,26 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from blade_mega.errors import UserError
-from blade_mega.selection.base import SelectionContext, SelectionHook, TrainBatch
+from blade_mega.selection.base import SelectionContext, SelectionHook, StepStats, TrainBatch
 from blade_mega.selection.excess_loss import top_k_samples
 from blade_mega.sketch.diversity import greedy_diverse_top_k
-from blade_mega.sketch.sketcher import GradientSketcher, check_sketch_dim
+from blade_mega.sketch.sketcher import GradientSketcher
 from blade_mega.sketch.whole import place_in_slots, whole_sketches
 
 
 class SketchInfluenceSelector(SelectionHook):
-    name = "sketch-influence"
     keeps_sidecar = True
     score_name = "influence"
 
     def __init__(self, ctx: SelectionContext):
         super().__init__(ctx)
-        config = self.config
-        if config.token_level:
-            raise UserError("--selection sketch-influence scores whole samples; use "
-                            "--selection-granularity sample")
-        try:
-            check_sketch_dim(config.sketch_dim)
-        except ValueError as err:
-            raise UserError(f"--sketch-dim: {err}") from None
-        if ctx.target is None:
-            raise UserError("--selection sketch-influence needs --target-data-path")
-        self.warmup = config.warmup_steps
-        self.beta = config.diversity
+        selection = self.config.selection  # its checks: selection/methods.py, sketch_checks
+        self.warmup = selection.warmup_steps
+        self.beta = selection.diversity
+        self.sketch_dim = selection.sketch_dim
         self.block = self.candidate_block()
         self.sketcher = GradientSketcher(ctx.learner.module, ctx.learner.runner,
-                                         config.sketch_dim, config.seed)
+                                         self.sketch_dim, self.config.data.seed)
         self.target_consumed = 0  # reading position in V
 
     # -- call points ---------------------------------------------------------------------------
@@ -64,7 +54,7 @@ class SketchInfluenceSelector(SelectionHook):
 
     def select(self, step: int, block_ids: np.ndarray) -> TrainBatch:
         if step < self.warmup:
-            return super().select(step, block_ids)
+            return self.uniform_batch(block_ids)
         ctx = self.ctx
         scores, gram = self.block_scores(block_ids)
         if gram is None:
@@ -73,11 +63,11 @@ class SketchInfluenceSelector(SelectionHook):
             keep = greedy_diverse_top_k(scores, block_ids, gram, ctx.global_batch, self.beta)
         return self.train_on_kept(block_ids, keep, scores)
 
-    def after_step(self, step: int, batch: TrainBatch, lr: float) -> dict:
+    def after_step(self, step: int, batch: TrainBatch, lr: float) -> StepStats:
         if step < self.warmup:
-            return {"selecting": 0.0}
-        return dict(batch.stats, selecting=1.0,
-                    hook_comm_bytes=float(self.groups.take_sent_bytes()))
+            return StepStats({"selecting": 0.0})
+        return StepStats(dict(batch.stats, selecting=1.0,
+                              hook_comm_bytes=float(self.groups.take_sent_bytes())))
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "target_consumed": self.target_consumed}
@@ -93,7 +83,7 @@ class SketchInfluenceSelector(SelectionHook):
         groups = self.groups
         target = self.target_sketch()
         partial = self.sketcher.sketch(self.read(self.local_share(block_ids)))
-        self.ctx.flops.add_sketch(self.ctx.learner_size, len(block_ids), self.config.sketch_dim)
+        self.ctx.flops.add_sketch(self.ctx.learner_size, len(block_ids), self.sketch_dim)
         if self.beta == 0:
             mine = place_in_slots(partial, self.sketcher) @ target  # this rank's terms of <.,.>
             local_scores = groups.all_reduce(mine, groups.mp)
@@ -108,7 +98,7 @@ class SketchInfluenceSelector(SelectionHook):
         ids = ctx.target.ordered_ids(self.target_consumed, count)
         self.target_consumed += count
         samples = ctx.target.read(self.local_share(ids))
-        ctx.flops.add_sketch(ctx.learner_size, count, self.config.sketch_dim)
+        ctx.flops.add_sketch(ctx.learner_size, count, self.sketch_dim)
         placed = place_in_slots(self.sketcher.sketch(samples).sum(0), self.sketcher)
         groups = self.groups
         placed = groups.all_reduce(groups.all_reduce(placed, groups.mp), groups.dp)

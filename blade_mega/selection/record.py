@@ -12,6 +12,7 @@ from typing import Optional
 
 import numpy as np
 
+from blade_mega import distributed
 from blade_mega.data.sample_index import SampleIndex
 from blade_mega.data.sidecar import Sidecar, path_in
 from blade_mega.errors import UserError
@@ -114,17 +115,26 @@ class SelectionRecord:
                 labels[where] = self.noise_labels[documents]
         return labels
 
-    # -- files -------------------------------------------------------------------------------
+    # -- files (a checkpoint part: train/checkpointer.py) ------------------------------------
+    def save_files(self, directory: str) -> None:
+        """One file per dataset of the blend, written once: every rank holds the same rows."""
+        if distributed.rank() == 0:
+            self.save(directory)
+
+    def load_files(self, directory: str, load_optimizer: bool = True) -> None:
+        self.load(directory)  # every rank reads the same files
+
     def save(self, directory: str) -> None:
         """Every rank holds the same rows: call on one rank."""
         for prefix, sidecar in zip(self.samples.prefixes, self.sidecars):
             sidecar.save(path_in(directory, prefix))
 
     def load(self, directory: str) -> None:
+        """Replace the tables by the saved ones. ``sidecars`` stays the same list object, so
+        whoever holds it (the candidate-block sampler) reads the loaded tables."""
         for part, prefix in enumerate(self.samples.prefixes):
             path = path_in(directory, prefix)
             if not os.path.isfile(path):
                 raise UserError(f"{path}: the checkpoint has no sidecar for {prefix}; resume with "
                                 "the --data-path and --selection it was trained with")
-            # In place: the candidate-block sampler holds this list.
             self.sidecars[part] = Sidecar.load(path, self.samples.num_documents(part), prefix)

@@ -59,21 +59,23 @@ def replay_order(steps: int, available: int) -> list[int]:
 
 
 class Reference:
-    def __init__(self, ctx, *, sync_interval: float, steps_per_sync: int, first_steps: int,
-                 lam: float, beta: float = 1.0, optimizer_state: str = "keep",
-                 lr: Optional[float] = None, offload: bool = False, size=None):
+    """The reference ``w`` and its rule, all from the run's resolved ``SelectionConfig`` (rho's
+    has one sync and lambda 0). ``size``: a proxy pair's preset, else the learner's."""
+
+    def __init__(self, ctx, size=None):
         if ctx.target is None:
             raise UserError("the reference model needs --target-data-path")
+        rule = ctx.config.selection
         self.ctx = ctx
-        self.sync_interval = sync_interval
-        self.steps_per_sync = steps_per_sync
-        self.first_steps = first_steps
-        self.lam = lam
-        self.beta = beta
-        self.optimizer_state = optimizer_state
-        self.lr = lr
+        self.sync_interval = rule.sync_interval
+        self.steps_per_sync = rule.ref_steps
+        self.first_steps = rule.first_ref_steps
+        self.lam = rule.lam
+        self.beta = rule.sync_beta
+        self.optimizer_state = rule.optimizer_state
+        self.lr = rule.reference_lr
         self.size = size or ctx.learner_size
-        self.model: ModelEngine = ctx.build_engine(self.size, offload)
+        self.model: ModelEngine = ctx.build_engine(self.size, rule.reference_offload)
         self.target_consumed = 0   # reading position in V
         self.syncs = 0
         self.steps_trained = 0
@@ -81,7 +83,8 @@ class Reference:
         self.last_divergence = float("nan")
         self.copy_on_sync = True  # False when the weights were loaded (--rho-ref-load)
         self.last_sync_step = -1  # a step retried after a non-finite loss does not sync twice
-        finite = [n for n in (first_steps, steps_per_sync, sync_interval) if math.isfinite(n)]
+        finite = [n for n in (self.first_steps, self.steps_per_sync, self.sync_interval)
+                  if math.isfinite(n)]
         self.replay: deque[ReplayBatch] = deque(maxlen=max(1, *map(int, finite)))
 
     def due(self, step: int, warmup: int) -> bool:
@@ -122,14 +125,14 @@ class Reference:
         self.syncs += 1
 
     def step_lr(self, j: int, steps: int, step: int, first: bool) -> float:
-        config = self.ctx.config
+        train = self.ctx.config.train
         if first:  # the warm start / rho's budget: a schedule of its own over its steps
-            return learning_rate(j, lr=self.lr or config.lr, min_lr=config.min_lr,
+            return learning_rate(j, lr=self.lr or train.lr, min_lr=train.min_lr,
                                  warmup_steps=max(1, round(0.1 * steps)), total_steps=steps)
         if self.lr is not None:
             return self.lr
-        return learning_rate(step, lr=config.lr, min_lr=config.min_lr,
-                             warmup_steps=config.lr_warmup_iters, total_steps=config.train_iters)
+        return learning_rate(step, lr=train.lr, min_lr=train.min_lr,
+                             warmup_steps=train.lr_warmup_iters, total_steps=train.train_iters)
 
     def step_microbatches(self, target_ids: np.ndarray, batch: Optional[ReplayBatch],
                           lam: float) -> tuple[list, float]:
@@ -137,7 +140,7 @@ class Reference:
         ``target_ids``, then (lam > 0) the replayed batch with alpha scaled so that the step
         minimises ``L_V + lam * L_train`` over one shared normaliser."""
         ctx = self.ctx
-        micro_batch = ctx.config.micro_batch
+        micro_batch = ctx.config.data.micro_batch_size
         target_samples = ctx.target.read(ctx.groups.share(target_ids))
         target_tokens = float(len(target_ids) * ctx.tokens_per_sample)
         micro = split_microbatches(target_samples, micro_batch)

@@ -3,8 +3,8 @@
 Layout of ``--save``::
 
     iter_0000100/                 DeepSpeed checkpoint of the learner (tag = iter_0000100)
-    iter_0000100/reference/ ...   the selection hook's engines, if any
-    iter_0000100/run_state_rank00003.pt   iteration, consumed samples, RNG states, hook state
+    iter_0000100/reference/ ...   files of the run's other parts: the hook's engines, sidecars
+    iter_0000100/run_state_rank00003.pt   run position, RNG states, the parts' small states
     iter_0000100/manifest.json    written once every rank finished: files, sizes, layout
     latest                        the tag of the newest complete checkpoint, replaced last
 
@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import zlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from megatron.core import tensor_parallel
@@ -51,7 +51,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(save_dir: str, iteration: int, engine, run_state: dict, layout: Layout,
-         hook=None, keep: int = 2) -> str:
+         parts: Sequence = (), keep: int = 2) -> str:
+    """Write checkpoint ``iteration``: the learner ``engine``'s DeepSpeed files, every part's
+    ``save_files(directory)``, and this rank's ``run_state``; atomic (see the module's doc)."""
     tag = tag_for(iteration)
     rank = distributed.rank()
     directory = os.path.join(save_dir, tag)
@@ -60,7 +62,7 @@ def save(save_dir: str, iteration: int, engine, run_state: dict, layout: Layout,
     distributed.barrier()
     # Each phase ends with every rank agreeing on success, so a write that fails on one rank
     # makes every rank stop with the same message instead of leaving the others in a collective.
-    problem = _guarded(lambda: _write_files(save_dir, tag, engine, run_state, hook, rank))
+    problem = _guarded(lambda: _write_files(save_dir, tag, engine, run_state, parts, rank))
     _raise_if_any(problem, directory, save_dir)
     files = {}
     if rank == 0:
@@ -83,11 +85,11 @@ def save(save_dir: str, iteration: int, engine, run_state: dict, layout: Layout,
     return directory
 
 
-def _write_files(save_dir: str, tag: str, engine, run_state: dict, hook, rank: int) -> None:
+def _write_files(save_dir: str, tag: str, engine, run_state: dict, parts, rank: int) -> None:
     directory = os.path.join(save_dir, tag)
     engine.save_checkpoint(save_dir, tag=tag, save_latest=False)
-    if hook is not None:
-        hook.save_engines(directory)
+    for part in parts:
+        part.save_files(directory)
     state_path = os.path.join(directory, f"run_state_rank{rank:05d}.pt")
     torch.save({**run_state, "rng": rng_state()}, state_path + ".tmp")
     os.replace(state_path + ".tmp", state_path)
@@ -227,9 +229,10 @@ def _check_layout(load_dir: str, tag: str, manifest: dict, layout: Layout, check
                         f"{manifest['dp'] * layout.tp * layout.pp} ranks")
 
 
-def load(load_dir: str, engine, layout: Layout, hook=None, load_optimizer: bool = True) -> dict:
-    """Resume: weights, optimizer state (unless ``load_optimizer`` is False), the hook's engines
-    and sidecars, and this rank's run state. The data position and the sidecars are global, so a
+def load(load_dir: str, engine, layout: Layout, parts: Sequence = (),
+         load_optimizer: bool = True) -> dict:
+    """Resume: weights, optimizer state (unless ``load_optimizer`` is False), every part's
+    ``load_files(directory, load_optimizer)``, and this rank's run state. The data position and the sidecars are global, so a
     run may resume with another data-parallel size; ZeRO's optimizer partitions are per DP rank,
     so that needs ``load_optimizer=False`` (``--no-load-optim``)."""
     tag, manifest = find_loadable(load_dir)
@@ -248,8 +251,8 @@ def load(load_dir: str, engine, layout: Layout, hook=None, load_optimizer: bool 
                                      load_lr_scheduler_states=False)
     if path is None:
         raise UserError(f"{directory}: DeepSpeed could not load this checkpoint")
-    if hook is not None:
-        hook.load_engines(directory, load_optimizer)
+    for part in parts:
+        part.load_files(directory, load_optimizer)
     # Same DP size: this rank's own file. Another DP size: the file of the rank at the same
     # tensor/pipeline position in DP rank 0 (the state every DP rank shares: iteration, data
     # position, selection state; RNG streams then differ from an uninterrupted run).

@@ -9,7 +9,6 @@ evaluation (tools/evaluate.py) loads it into whatever layout it runs on.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -17,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from blade_mega.train import checkpoint
-from blade_mega.errors import UserError
+from blade_mega.config import RunConfig, from_checkpoint
 from blade_mega.engine.model import ModelSize, _global_name, gated_tp_order
+from blade_mega.errors import UserError
+from blade_mega.train import checkpoint
 
 # Which dimension Megatron-Core's parallel layers split over TP ranks; the rest is replicated.
 # ColumnParallelLinear / VocabParallelEmbedding split their output rows, RowParallelLinear its
@@ -47,7 +47,7 @@ class Checkpoint:
     size: ModelSize
     vocab_size: int           # the tokenizer's; state holds padded_vocab_size rows
     padded_vocab_size: int
-    args: argparse.Namespace  # the training run's flags
+    config: RunConfig         # the training run's configuration
     tp: int
     pp: int
 
@@ -75,17 +75,15 @@ def _load(path: str) -> dict:
                         "load an earlier one") from None
 
 
-def _run_args(directory: str) -> tuple[argparse.Namespace, dict]:
+def _run_config(directory: str) -> tuple[RunConfig, dict]:
     state = _load(os.path.join(directory, "run_state_rank00000.pt"))
-    return argparse.Namespace(**state["args"]), state
+    return from_checkpoint(state), state
 
 
-def _size_of(args: argparse.Namespace, run_state: dict) -> ModelSize:
+def _size_of(config: RunConfig, run_state: dict) -> ModelSize:
     if "model" in run_state:  # the architecture as trained, whatever the presets say today
         return ModelSize(**run_state["model"])
-    from blade_mega.config import model_size
-
-    return model_size(args)
+    return config.model.size
 
 
 def read_checkpoint(load: str) -> Checkpoint:
@@ -106,8 +104,8 @@ def read_checkpoint(load: str) -> Checkpoint:
                         "of its iter_XXXXXXX")
     directory = os.path.join(root, tag)
     tp, pp, dp = manifest["tp"], manifest["pp"], manifest["dp"]
-    args, run_state = _run_args(directory)
-    size = _size_of(args, run_state)
+    config, run_state = _run_config(directory)
+    size = _size_of(config, run_state)
     coords = _model_parallel_coords(tp, pp, dp)
     stages: list[list[dict]] = [[None] * tp for _ in range(pp)]
     for mp_rank, (tp_rank, pp_rank) in enumerate(coords):
@@ -125,19 +123,20 @@ def read_checkpoint(load: str) -> Checkpoint:
     if offset != size.num_layers:
         raise UserError(f"{directory}: holds {offset} layers, its run args say "
                         f"{size.num_layers}; the files do not belong together")
-    vocab = run_state.get("vocab_size") or _vocab_of(args)
+    vocab = run_state.get("vocab_size") or _vocab_of(config)
     padded = state["embedding.word_embeddings.weight"].shape[0]
-    return Checkpoint(directory, state, size, vocab, padded, args, tp, pp)
+    return Checkpoint(directory, state, size, vocab, padded, config, tp, pp)
 
 
-def _vocab_of(args: argparse.Namespace) -> int:
-    if args.tokenizer_model and os.path.isfile(args.tokenizer_model):
+def _vocab_of(config: RunConfig) -> int:
+    model = config.model
+    if model.tokenizer_model and os.path.isfile(model.tokenizer_model):
         from blade_mega.data.tokenizer import Tokenizer
 
-        return Tokenizer.load(args.tokenizer_model).vocab_size
-    if args.vocab_size:
-        return args.vocab_size
-    raise UserError(f"{args.tokenizer_model}: the run's tokenizer is gone, so its vocabulary "
+        return Tokenizer.load(model.tokenizer_model).vocab_size
+    if model.vocab_size:
+        return model.vocab_size
+    raise UserError(f"{model.tokenizer_model}: the run's tokenizer is gone, so its vocabulary "
                     "size is unknown; pass --tokenizer-model")
 
 

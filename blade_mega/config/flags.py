@@ -1,4 +1,5 @@
-"""Command-line flags (Megatron-LM names), an optional YAML file under them, and validation.
+"""Command-line flags (Megatron-LM names) and an optional YAML file under them: the words a user
+types, parsed into an ``argparse.Namespace`` that only ``config/run_config.py`` reads.
 
 Precedence: built-in defaults < ``--config run.yaml`` < flags on the command line.
 """
@@ -6,15 +7,11 @@ Precedence: built-in defaults < ``--config run.yaml`` < flags on the command lin
 from __future__ import annotations
 
 import argparse
-import math
-import os
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
+from blade_mega.engine.model import PRESETS
 from blade_mega.errors import UserError
-from blade_mega.engine.model import PRESETS, ModelSize
-
-SELECTIONS = ("uniform", "highloss", "rho", "blade", "sketch-influence")
+from blade_mega.selection.registry import method_names
 
 
 def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
@@ -138,7 +135,8 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--keep-checkpoints", type=int, default=2)
 
     g = p.add_argument_group("data selection")
-    g.add_argument("--selection", default="uniform", choices=SELECTIONS)
+    g.add_argument("--selection", default="uniform", choices=method_names(),
+                   help="the selection method (registered in selection/methods.py)")
     g.add_argument("--selection-granularity", default="sample", choices=("token", "sample"))
     g.add_argument("--keep-ratio", type=float, default=None,
                    help="gamma: kept share of tokens (token level, default 0.6) or of the "
@@ -196,15 +194,20 @@ def _dest(key: str) -> str:
     return key.replace("-", "_")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_flags(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """The flags as given (YAML under the command line), not yet checked or resolved."""
     parser = build_parser()
     first, _ = parser.parse_known_args(argv)
     if first.config:
         # As defaults, so that flags on the command line still win over the file.
         parser.set_defaults(**load_yaml(first.config))
-    args = parser.parse_args(argv)
-    validate(args)
-    return args
+    return parser.parse_args(argv)
+
+
+def flag_defaults() -> dict:
+    """Every flag's default, by dest (what a checkpoint written before a flag existed meant)."""
+    return {action.dest: action.default for action in build_parser()._actions
+            if action.dest != "help"}
 
 
 def load_yaml(path: str) -> dict:
@@ -252,244 +255,3 @@ def _flag_value(checker: argparse.ArgumentParser, action: argparse.Action, value
     if extra:  # a list given to a one-value flag
         raise argparse.ArgumentError(action, f"expected one value, not {value!r}")
     return getattr(parsed, action.dest)
-
-
-def model_size(args: argparse.Namespace) -> ModelSize:
-    base = PRESETS[args.model_size]
-    # A flag left unset (None, or False for on/off flags) keeps the preset's value.
-    fields = {name: getattr(args, name) for name in ModelSize.__dataclass_fields__
-              if getattr(args, name, None) is not None and getattr(args, name) is not False}
-    if getattr(args, "disable_bias_linear", False):
-        fields["add_bias_linear"] = False
-    return ModelSize(**{**base.__dict__, **fields})
-
-
-# --reference-model auto aims the proxy pair at AUTO_PROXY_SHARE of the learner's transformer
-# FLOPs per token and never spends more than AUTO_PROXY_MAX_SHARE. Measured (README, proxy pair;
-# shares of transformer FLOPs): a proxy pair beat the same-size reference per FLOP at every share
-# we ran and scored as well at 0.02 as at 0.17 (6 x 256 learner: tiny 4.108, demo 4.110), while
-# its cost grows with the share: compute to uniform's final loss 0.65-0.68x at 0.02 (tiny for
-# 6 x 256), 0.78x at 0.06 (4 x 192), 0.99x at 0.14 (tiny for demo) and 0.99x at 0.17 (demo for
-# 6 x 256). How small a proxy can get before it ranks badly we have not seen.
-AUTO_PROXY_SHARE = 1 / 16
-AUTO_PROXY_MAX_SHARE = 1 / 4
-
-
-def auto_reference_model(args: argparse.Namespace, learner: ModelSize) -> str:
-    """What ``--reference-model auto`` means for this learner: among the presets of its family
-    (same norm and MLP kind) that cost at most AUTO_PROXY_MAX_SHARE of its transformer FLOPs per
-    token and split over the run's TP and PP like the learner, the one whose share is nearest
-    AUTO_PROXY_SHARE (by ratio); 'same' when none qualifies (a learner of tiny's size)."""
-    from blade_mega.train.flops import forward_flops_per_token
-
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-
-    def share(size: ModelSize) -> float:  # the output layer depends on the vocab: left out
-        return (forward_flops_per_token(size, 0, args.seq_length)
-                / forward_flops_per_token(learner, 0, args.seq_length))
-
-    fits = [(abs(math.log(share(size) / AUTO_PROXY_SHARE)), name)
-            for name, size in PRESETS.items()
-            if (size.normalization, size.swiglu) == (learner.normalization, learner.swiglu)
-            and share(size) <= AUTO_PROXY_MAX_SHARE
-            and size.num_attention_heads % tp == 0 and size.query_groups % tp == 0
-            and size.num_layers % pp == 0]
-    return min(fits)[1] if fits else "same"
-
-
-def validate(args: argparse.Namespace) -> None:
-    """Checks that need no process group. Layout-dependent ones run after launch."""
-    size = model_size(args)
-    resolve_device_flags(args)
-    if args.seq_length > size.max_position_embeddings:
-        raise UserError(f"--seq-length {args.seq_length} is above the model's "
-                        f"--max-position-embeddings {size.max_position_embeddings}; "
-                        "shorten the sequences or enlarge the model's positions")
-    if size.hidden_size % size.num_attention_heads:
-        raise UserError("--hidden-size must be divisible by --num-attention-heads")
-    groups, tp = size.query_groups, args.tensor_model_parallel_size
-    if groups < 1 or size.num_attention_heads % groups:
-        raise UserError(f"--num-query-groups {groups} must divide --num-attention-heads "
-                        f"{size.num_attention_heads}")
-    if groups % tp and size.num_attention_heads % tp == 0:  # else the heads' check says it
-        raise UserError(f"--num-query-groups {groups} is not divisible by "
-                        f"--tensor-model-parallel-size {tp}: each TP rank holds whole key/value "
-                        "groups; use a multiple of it")
-    if size.rotary_base <= 0:
-        raise UserError(f"--rotary-base {size.rotary_base} must be positive")
-    if args.micro_batch_size < 1 or args.global_batch_size < 1:
-        raise UserError("--micro-batch-size and --global-batch-size must be positive")
-    if args.keep_ratio is None:
-        args.keep_ratio = 0.6 if args.selection_granularity == "token" else 0.5
-    if not 0.0 < args.keep_ratio <= 1.0:
-        raise UserError(f"--keep-ratio {args.keep_ratio} must be in (0, 1]")
-    if not 0.0 <= args.reweight_mix <= 1.0:
-        raise UserError(f"--reweight-mix {args.reweight_mix} must be in [0, 1]")
-    if args.selection in ("rho", "blade", "sketch-influence") and not args.target_data_path:
-        raise UserError(f"--selection {args.selection} needs --target-data-path (the held-out "
-                        "target set V as an indexed dataset prefix)")
-    if args.reference_model not in ("auto", "same") and args.reference_model not in PRESETS:
-        raise UserError(f"--reference-model {args.reference_model}: use 'auto', 'same' or one "
-                        f"of {', '.join(sorted(PRESETS))}")
-    if args.reference_model == "auto":
-        args.reference_model = (auto_reference_model(args, size) if args.selection == "blade"
-                                else "same")
-    if args.reference_model != "same" and args.selection != "blade":
-        raise UserError("--reference-model PRESET (a proxy pair) applies to --selection blade")
-    selection_config(args)  # the selection flags' own checks
-    if args.tokenizer_model is None and args.vocab_size is None:
-        raise UserError("give --tokenizer-model (a SentencePiece .model) or --vocab-size")
-    if args.tokenizer_model and not os.path.isfile(args.tokenizer_model):
-        raise UserError(f"{args.tokenizer_model}: tokenizer model not found; train one with "
-                        "tools/train_tokenizer.py")
-    try:
-        args.split_weights = tuple(float(x) for x in str(args.split).split(","))
-    except ValueError:
-        raise UserError(f"--split {args.split}: expected comma-separated numbers like 969,30,1")
-    if not 1 <= len(args.split_weights) <= 3 or args.split_weights[0] <= 0 or \
-            any(w < 0 for w in args.split_weights):
-        raise UserError(f"--split {args.split}: expected train,valid[,test] shares like 969,30,1 "
-                        "with a positive train share")
-    if args.train_data_path is None and args.valid_data_path is not None:
-        raise UserError("--valid-data-path goes with --train-data-path (per-split blends)")
-    if args.train_data_path is not None and args.data_path:
-        raise UserError("give either --data-path (with --split) or --train-data-path "
-                        "(and --valid-data-path), not both")
-
-
-def resolve_device_flags(args: argparse.Namespace) -> None:
-    """bf16 by default with CUDA (--fp32 opts out); recompute flags as Megatron-LM checks them."""
-    from blade_mega.engine.cpu_compat import cuda_available
-
-    if args.fp32 and args.bf16:
-        raise UserError("--bf16 and --fp32 contradict each other; give one")
-    args.bf16 = False if args.fp32 else (cuda_available() if args.bf16 is None else args.bf16)
-    full = args.recompute_granularity == "full"
-    if not full and (args.recompute_method is not None or args.recompute_num_layers is not None):
-        raise UserError("--recompute-method and --recompute-num-layers apply to "
-                        "--recompute-granularity full; add it or drop them")
-    if full:
-        if args.recompute_num_layers is not None and args.recompute_num_layers < 1:
-            raise UserError("--recompute-num-layers must be at least 1")
-        args.recompute_method = args.recompute_method or "uniform"
-        args.recompute_num_layers = args.recompute_num_layers or 1
-    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
-        # As Megatron-LM: nothing to shard over, so it is turned off (said once).
-        import warnings
-
-        warnings.warn("--sequence-parallel is off: it needs --tensor-model-parallel-size > 1")
-        args.sequence_parallel = False
-
-
-def check_layout(args: argparse.Namespace, dp: int) -> int:
-    """Batch arithmetic for this layout; returns micro-batches per step per DP rank."""
-    per_step = args.micro_batch_size * dp
-    if args.global_batch_size % per_step:
-        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by "
-                        f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}; "
-                        f"use a multiple of {per_step}")
-    return args.global_batch_size // per_step
-
-
-@dataclass(frozen=True)
-class SelectionConfig:
-    """Everything a selection hook reads of the flags, resolved once (``selection_config``)."""
-    method: str
-    granularity: str               # "sample" | "token"
-    keep_ratio: float              # gamma
-    warmup_steps: int              # uniform steps before selection (and the first sync)
-    global_batch: int
-    micro_batch: int
-    seq_length: int
-    train_iters: int
-    seed: int
-    zero_stage: int
-    # The learner's schedule, which the reference follows by default.
-    lr: float
-    min_lr: float
-    lr_warmup_iters: int
-    # The reference rule (rho and blade).
-    sync_interval: float           # T (inf: one sync, rho)
-    ref_steps: int                 # K per later sync
-    first_ref_steps: int           # K0 at the first sync (rho: its whole budget)
-    lam: float                     # lambda of L_V + lambda L_train(alpha)
-    sync_beta: float               # w <- (1 - beta) w + beta u at later syncs
-    optimizer_state: str           # keep | reset | copy, at syncs that move w toward u
-    reference_lr: Optional[float]  # None: the learner's schedule (own schedule for K0)
-    proxy: Optional[str]           # preset of a proxy pair, or None
-    reference_offload: bool
-    rho_ref_load: Optional[str]
-    # Sketches (sketch-influence, and the diversity term of any sample-level selector).
-    sketch_dim: int
-    diversity: float
-
-    @property
-    def token_level(self) -> bool:
-        return self.granularity == "token"
-
-    def syncs(self) -> int:
-        """Syncs over the run (blade's rule)."""
-        return math.ceil(max(0, self.train_iters - self.warmup_steps) / self.sync_interval)
-
-
-def blade_reference_passes(ref_steps: int, first_ref_steps: int, lam: float, syncs: int,
-                           warmup_steps: int) -> int:
-    """blade's reference training over a run in training passes over B samples: each step
-    trains on a V batch, and with lambda > 0 on a replayed batch of the learner's too (the
-    first sync replays the warm-up's batches, none without warm-up)."""
-    if syncs <= 0:
-        return 0
-    first = first_ref_steps * (2 if lam > 0 and warmup_steps > 0 else 1)
-    return first + (syncs - 1) * ref_steps * (2 if lam > 0 else 1)
-
-
-def selection_config(args: argparse.Namespace) -> SelectionConfig:
-    """The selection flags, checked and resolved; rho's default budget is blade's reference
-    training in model passes (rho trains on V only: one pass per step)."""
-    for flag, value in (("--blade-ref-steps", args.blade_ref_steps),
-                        ("--blade-first-ref-steps", args.blade_first_ref_steps),
-                        ("--rho-ref-steps", args.rho_ref_steps)):
-        if value is not None and value < 0:
-            raise UserError(f"{flag} {value} must be >= 0")
-    if args.blade_sync_interval < 1:
-        raise UserError(f"--blade-sync-interval {args.blade_sync_interval} must be >= 1")
-    if not 0.0 <= args.blade_sync_beta <= 1.0:
-        raise UserError(f"--blade-sync-beta {args.blade_sync_beta} must be in [0, 1]")
-    if args.blade_lambda < 0:
-        raise UserError(f"--blade-lambda {args.blade_lambda} must be >= 0")
-    if args.reference_lr is not None and args.reference_lr <= 0:
-        raise UserError(f"--reference-lr {args.reference_lr} must be positive")
-    if args.selection_diversity < 0:
-        raise UserError(f"--selection-diversity {args.selection_diversity} must be >= 0")
-    if args.selection_diversity > 0 and args.selection in ("rho", "blade", "highloss") and \
-            args.selection_granularity != "sample":
-        raise UserError("--selection-diversity chooses whole samples; use "
-                        "--selection-granularity sample")
-    keep_ratio = args.keep_ratio if args.keep_ratio is not None else (
-        0.6 if args.selection_granularity == "token" else 0.5)
-    k = args.blade_ref_steps
-    k0 = k if args.blade_first_ref_steps is None else args.blade_first_ref_steps
-    common = dict(
-        method=args.selection, granularity=args.selection_granularity, keep_ratio=keep_ratio,
-        warmup_steps=args.selection_warmup_steps, global_batch=args.global_batch_size,
-        micro_batch=args.micro_batch_size, seq_length=args.seq_length,
-        train_iters=args.train_iters, seed=args.seed, zero_stage=args.zero_stage, lr=args.lr,
-        min_lr=args.min_lr, lr_warmup_iters=args.lr_warmup_iters,
-        optimizer_state=args.reference_optimizer_state, reference_lr=args.reference_lr,
-        reference_offload=args.reference_offload, rho_ref_load=args.rho_ref_load,
-        sketch_dim=args.sketch_dim, diversity=args.selection_diversity)
-    if args.selection == "rho":
-        budget = args.rho_ref_steps
-        if budget is None:
-            syncs = math.ceil(max(0, args.train_iters - args.selection_warmup_steps)
-                              / args.blade_sync_interval)
-            budget = blade_reference_passes(k, k0, args.blade_lambda, syncs,
-                                            args.selection_warmup_steps)
-        if args.rho_ref_load:
-            budget = 0
-        return SelectionConfig(**common, sync_interval=math.inf, ref_steps=0,
-                               first_ref_steps=budget, lam=0.0, sync_beta=0.0, proxy=None)
-    proxy = None if args.reference_model == "same" else args.reference_model
-    return SelectionConfig(**common, sync_interval=args.blade_sync_interval, ref_steps=k,
-                           first_ref_steps=k0, lam=args.blade_lambda,
-                           sync_beta=args.blade_sync_beta, proxy=proxy)
