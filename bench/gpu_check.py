@@ -39,9 +39,9 @@ def peak_flops(name: str) -> float | None:
 
 
 def build_data(root: str) -> dict:
-    from blade_mega.data.demo_corpus import build_demo_corpus, write_demo_corpus
-    from blade_mega.data.inputs import iter_texts
-    from blade_mega.data.preprocess import dataset_prefix, preprocess
+    from blade_mega.prepare.demo_corpus import build_demo_corpus, write_demo_corpus
+    from blade_mega.prepare.inputs import iter_texts
+    from blade_mega.prepare.preprocess import dataset_prefix, preprocess
     from blade_mega.tokenizer import train_tokenizer
 
     corpus = os.path.join(root, "corpus")
