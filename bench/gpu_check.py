@@ -39,10 +39,10 @@ def peak_flops(name: str) -> float | None:
 
 
 def build_data(root: str) -> dict:
-    from blade_mega.data.demo_corpus import build_demo_corpus, write_demo_corpus
-    from blade_mega.data.inputs import iter_texts
-    from blade_mega.data.preprocess import dataset_prefix, preprocess
     from blade_mega.data.tokenizer import train_tokenizer
+    from blade_mega.prepare.demo_corpus import build_demo_corpus, write_demo_corpus
+    from blade_mega.prepare.inputs import iter_texts
+    from blade_mega.prepare.preprocess import dataset_prefix, preprocess
 
     corpus = os.path.join(root, "corpus")
     splits, labels = build_demo_corpus(size_mb=4.0, noise_rate=0.5, seed=0)
