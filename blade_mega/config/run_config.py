@@ -126,6 +126,11 @@ class SelectionConfig:
         """Syncs of the reference over a run of ``train_iters`` steps."""
         return math.ceil(max(0, train_iters - self.warmup_steps) / self.sync_interval)
 
+    @property
+    def reference_steps_per_step(self) -> float:
+        """Reference optimizer steps per learner step, after the first sync (K / T)."""
+        return self.ref_steps / self.sync_interval
+
 
 @dataclass(frozen=True)
 class RunConfig:

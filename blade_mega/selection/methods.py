@@ -130,7 +130,7 @@ def rho_cost(config: "RunConfig") -> float:
 
 def blade_cost(config: "RunConfig") -> float:
     selection = config.selection
-    training = selection.ref_steps / selection.sync_interval * (2.0 if selection.lam > 0 else 1.0)
+    training = selection.reference_steps_per_step * (2.0 if selection.lam > 0 else 1.0)
     return 1.0 + scoring_cost(config, 2) + training
 
 
