@@ -7,6 +7,7 @@ that rank's traceback; a hang ends at ``timeout`` with the ranks killed.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import queue as queue_module
@@ -75,6 +76,20 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args, timeout: flo
         rank = min(failed)
         raise RuntimeError(f"rank {rank} of {world_size} failed:\n{failed[rank]}")
     return [outcomes[rank][1] for rank in range(world_size)]
+
+
+@contextlib.contextmanager
+def in_rank(tp: int = 1, pp: int = 1, timeout_minutes: float = 10.0):
+    """Inside a rank of ``run_distributed``: CPU patches, the process group and Megatron's groups
+    for ``tp`` x ``pp`` for the block's duration, then torn down. Yields the layout."""
+    from blade_mega.engine import cpu_compat, parallel
+
+    cpu_compat.install()
+    _, layout = parallel.init_distributed(tp, pp, timeout_minutes)
+    try:
+        yield layout
+    finally:
+        parallel.shutdown()
 
 
 def pretrain_rank(argv: list[str]) -> list[dict]:

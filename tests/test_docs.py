@@ -27,3 +27,17 @@ def test_demo_duration_is_one_figure():
     readme = re.search(r"it took ([\d.]+) minutes", read("README.md")).group(1)
     demo = re.search(r"``make demo`` runs it: ([\d.]+) minutes", read("tools/demo.py")).group(1)
     assert demo == readme
+
+
+def test_every_source_path_the_docs_name_exists():
+    """A module moved without its docs is caught here (paths like blade_mega/x/y.py)."""
+    missing = []
+    docs = ["README.md", *(os.path.join("docs", name)
+                           for name in os.listdir(os.path.join(REPO, "docs"))
+                           if name.endswith(".md"))]
+    for doc in docs:
+        named = re.findall(r"\b((?:blade_mega|tools|bench|tests)/[\w/]+\.py)\b", read(doc))
+        for path in set(named):
+            if not os.path.exists(os.path.join(REPO, path)):
+                missing.append(f"{doc}: {path}")
+    assert not missing, missing

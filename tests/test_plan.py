@@ -11,7 +11,7 @@ import pytest
 from blade_mega.engine import plan
 from blade_mega.config import parse_config
 from blade_mega.pretrain import vocab_size
-from blade_mega.testing import run_distributed, trainer_in_rank
+from blade_mega.testing import in_rank, run_distributed, trainer_in_rank
 from conftest import run_main
 
 
@@ -90,41 +90,37 @@ def measure(argv: list[str], tp: int, pp: int) -> dict:
     import torch
     from megatron.core import parallel_state
 
-    from blade_mega.engine import cpu_compat, parallel
-
-    cpu_compat.install()
-    parallel.init_distributed(tp, pp)
-    trainer = trainer_in_rank(argv, tp, pp)
-    try:
-        hook = trainer.hook
-        block = trainer.sampler.block(0, 0, hook.block_size(0))
-        batch = hook.select(0, block.ids)  # syncs and trains the reference (step 0 is due)
-        trainer.learner.train_step(hook.microbatches(batch), batch.normaliser, 1e-3,
-                                   batch.weight_fn)
-        hook.after_step(0, batch, 1e-3)  # the proxy's step, if any
-        engines = {"learner": trainer.learner, "reference": hook.reference.model}
-        if hook.proxy is not None:
-            engines = {"learner": trainer.learner, "proxy": hook.proxy,
-                       "proxy_reference": hook.reference.model}
-        out = {"stage": parallel_state.get_pipeline_model_parallel_rank()}
-        for role, model in engines.items():
-            optimizer = model.engine.optimizer
-            names = {id(p): n for n, p in model.module.named_parameters()}
-            groups = [(optimizer.optimizer.param_groups[i]["weight_decay"],
-                       sorted(names[id(p)] for p in params))
-                      for i, params in enumerate(optimizer.bit16_groups)]
-            state = sum(t.numel() * t.element_size() for s in optimizer.optimizer.state.values()
-                        for t in s.values() if torch.is_tensor(t) and t.numel() > 1)
-            masters = sum(t.numel() * t.element_size()
-                          for t in optimizer.single_partition_of_fp32_groups)
-            out[role] = {"parameters": sum(p.numel() for p in model.module.parameters()),
-                         "weights": sum(p.numel() * p.element_size()
-                                        for p in model.module.parameters()),
-                         "optimizer": state + masters, "groups": groups}
-        return out
-    finally:
-        trainer.close()
-        parallel.shutdown()
+    with in_rank(tp, pp):
+        trainer = trainer_in_rank(argv, tp, pp)
+        try:
+            hook = trainer.hook
+            block = trainer.sampler.block(0, 0, hook.block_size(0))
+            batch = hook.select(0, block.ids)  # syncs and trains the reference (step 0 is due)
+            trainer.learner.train_step(hook.microbatches(batch), batch.normaliser, 1e-3,
+                                       batch.weight_fn)
+            hook.after_step(0, batch, 1e-3)  # the proxy's step, if any
+            engines = {"learner": trainer.learner, "reference": hook.reference.model}
+            if hook.proxy is not None:
+                engines = {"learner": trainer.learner, "proxy": hook.proxy,
+                           "proxy_reference": hook.reference.model}
+            out = {"stage": parallel_state.get_pipeline_model_parallel_rank()}
+            for role, model in engines.items():
+                optimizer = model.engine.optimizer
+                names = {id(p): n for n, p in model.module.named_parameters()}
+                groups = [(optimizer.optimizer.param_groups[i]["weight_decay"],
+                           sorted(names[id(p)] for p in params))
+                          for i, params in enumerate(optimizer.bit16_groups)]
+                state = sum(t.numel() * t.element_size() for s in optimizer.optimizer.state.values()
+                            for t in s.values() if torch.is_tensor(t) and t.numel() > 1)
+                masters = sum(t.numel() * t.element_size()
+                              for t in optimizer.single_partition_of_fp32_groups)
+                out[role] = {"parameters": sum(p.numel() for p in model.module.parameters()),
+                             "weights": sum(p.numel() * p.element_size()
+                                            for p in model.module.parameters()),
+                             "optimizer": state + masters, "groups": groups}
+            return out
+        finally:
+            trainer.close()
 
 
 def layout_argv(demo_data, extra) -> list[str]:

@@ -10,7 +10,7 @@ import numpy
 import pytest
 import torch
 
-from blade_mega.testing import run_distributed
+from blade_mega.testing import in_rank, run_distributed, trainer_in_rank
 
 WORLD = 2
 TIMEOUT = 600
@@ -112,16 +112,10 @@ class _Recorder:
         ref.sync_and_train, ref.model.train_step = recording_sync, recording_train_step
 
 
-def _trainer(argv, tp=1, pp=1):
-    from blade_mega.testing import trainer_in_rank
-
-    return trainer_in_rank(argv, tp, pp)
-
-
 def _replay_case(argv):
     """blade, T = 2, K = 3 (more steps than replayed batches: they cycle), lambda 0.5, 5 steps:
     syncs at steps 1 (replays the warm-up batch of step 0) and 3 (replays steps 1 and 2)."""
-    trainer = _trainer(argv + ["--blade-ref-steps", "3", "--train-iters", "5"])
+    trainer = trainer_in_rank(argv + ["--blade-ref-steps", "3", "--train-iters", "5"])
     rec = _Recorder(trainer)
     trainer.train()
     target, train, groups = trainer.target_data, trainer.train_data, trainer.groups
@@ -164,7 +158,7 @@ def _replay_case(argv):
 def _state_case(argv, zero):
     """--reference-optimizer-state copy under ZeRO-`zero` (one micro-batch per step), then
     reset checked against a freshly built engine."""
-    trainer = _trainer(argv + ["--zero-stage", str(zero), "--global-batch-size", "4",
+    trainer = trainer_in_rank(argv + ["--zero-stage", str(zero), "--global-batch-size", "4",
                                "--blade-lambda", "0", "--reference-optimizer-state", "copy"])
     rec = _Recorder(trainer, states=True)
     trainer.train()
@@ -192,7 +186,7 @@ def _beta_cases(argv):
                        "--blade-first-ref-steps", "3"]),
             ("rho", ["--selection", "rho", "--rho-ref-steps", "3"]),
             ("beta_half", ["--blade-sync-beta", "0.5"])):
-        trainer = _trainer(argv + extra)
+        trainer = trainer_in_rank(argv + extra)
         rec = _Recorder(trainer, weights=True)
         trainer.train()
         out[name] = {"kept": {s: r["ids"] for s, r in rec.steps.items()},
@@ -205,7 +199,7 @@ def _beta_cases(argv):
 
 def _layout_case(argv, tp, pp):
     """blade with the sketch diversity term, 3 selecting steps."""
-    trainer = _trainer(argv + ["--selection-diversity", "0.05", "--sketch-dim", "8"], tp, pp)
+    trainer = trainer_in_rank(argv + ["--selection-diversity", "0.05", "--sketch-dim", "8"], tp, pp)
     rec = _Recorder(trainer)
     scores = {}
     select = trainer.hook.select
@@ -229,7 +223,7 @@ def _method_flops(argv):
                         ("sketch", ["--selection", "sketch-influence", "--sketch-dim", "8"]),
                         ("proxy-token", ["--reference-model", "tiny",
                                          "--selection-granularity", "token"])):
-        trainer = _trainer(argv + extra + ["--train-iters", "3"])
+        trainer = trainer_in_rank(argv + extra + ["--train-iters", "3"])
         trainer.train()
         out[name] = dict(trainer.flops.totals)
     return out
@@ -241,7 +235,7 @@ def _quality_case(argv):
     they were chosen from (what uniform training on those blocks would see)."""
     out = {}
     for name in ("rho", "random"):
-        trainer = _trainer(argv + ["--selection", "rho",
+        trainer = trainer_in_rank(argv + ["--selection", "rho",
                                    "--rho-ref-steps", "60" if name == "rho" else "0",
                                    "--selection-warmup-steps", "0", "--global-batch-size", "16",
                                    "--micro-batch-size", "4", "--train-iters", "8"])
@@ -293,12 +287,8 @@ def _from_queue(value):
 
 
 def _rule_rank(argv):
-    from blade_mega.engine import cpu_compat, parallel
-
-    cpu_compat.install()
-    parallel.init_distributed(1, 1)
     out = {}
-    try:
+    with in_rank():
         out["replay_sample"] = _replay_case(argv)
         out["replay_token"] = _replay_case(argv + ["--selection-granularity", "token"])
         out["zero1"] = _state_case(argv, 1)
@@ -308,8 +298,6 @@ def _rule_rank(argv):
         out["quality"] = _quality_case(argv)
         for tp, pp in ((1, 1), (2, 1), (1, 2)):
             out[("diversity", tp, pp)] = _layout_case(argv, tp, pp)
-    finally:
-        parallel.shutdown()
     return _convert(out, _to_queue)
 
 

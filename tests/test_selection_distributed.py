@@ -12,7 +12,7 @@ import numpy
 import pytest
 import torch
 
-from blade_mega.testing import pretrain_rank, run_distributed
+from blade_mega.testing import in_rank, pretrain_rank, run_distributed, trainer_in_rank
 
 WORLD = 2
 STEPS = 4
@@ -31,12 +31,6 @@ def _argv(data, *extra):
 
 
 # -- in-rank helpers ----------------------------------------------------------------------------
-def _trainer(argv, tp=1, pp=1):
-    from blade_mega.testing import trainer_in_rank
-
-    return trainer_in_rank(argv, tp, pp)
-
-
 def _direct_token_losses(module, samples):
     """Per-token cross-entropy from the full logits of a TP1/PP1 GPTModel forward."""
     from blade_mega.engine.model import padded_vocab_size
@@ -127,8 +121,9 @@ def _nan_checks(argv):
     results = {}
     for granularity in ("sample", "token"):
         for case in ("some", "all"):
-            trainer = _trainer(argv + ["--selection-warmup-steps", "0", "--blade-sync-interval",
-                                       "100", "--selection-granularity", granularity])
+            trainer = trainer_in_rank(argv + ["--selection-warmup-steps", "0",
+                                              "--blade-sync-interval", "100",
+                                              "--selection-granularity", granularity])
             hook = trainer.hook
             real = hook.reference.model.token_losses
 
@@ -160,26 +155,20 @@ def _nan_checks(argv):
 
 
 def _selection_rank(argv):
-    from blade_mega.engine import cpu_compat, parallel
-
-    cpu_compat.install()
-    parallel.init_distributed(1, 1)
     out = {}
-    try:
+    with in_rank():
         for granularity in ("sample", "token"):
             for tp, pp in ((1, 1), (2, 1), (1, 2)):
-                trainer = _trainer(argv + ["--selection-granularity", granularity], tp, pp)
+                trainer = trainer_in_rank(argv + ["--selection-granularity", granularity], tp, pp)
                 steps, copies = _record(trainer, direct=(tp, pp) == (1, 1))
                 trainer.train()
                 out[(granularity, tp, pp)] = {"steps": steps, "copies": copies,
                                               "last_stage": trainer.groups.is_last_stage}
-        trainer = _trainer(argv + ["--selection", "rho", "--rho-ref-steps", "2"])
+        trainer = trainer_in_rank(argv + ["--selection", "rho", "--rho-ref-steps", "2"])
         steps, _ = _record(trainer, direct=False)
         trainer.train()
         out["rho"] = {"steps": steps}
         out["nan"] = _nan_checks(argv)
-    finally:
-        parallel.shutdown()
     return out
 
 
@@ -324,17 +313,12 @@ def test_unscorable_tokens_fall_back_to_uniform_with_a_warning(runs):
 # -- resume ---------------------------------------------------------------------------------------
 def _train_runs(argvs):
     """Several Trainer runs in one process (each from scratch or from its own --load)."""
-    from blade_mega.engine import cpu_compat, parallel
     from blade_mega.config import parse_config
     from blade_mega.train.trainer import Trainer
 
-    cpu_compat.install()
-    _, layout = parallel.init_distributed(1, 1)
-    try:
+    with in_rank() as layout:
         for argv in argvs:
             Trainer(parse_config(argv), layout).train()
-    finally:
-        parallel.shutdown()
 
 
 TIMING = {"step_time", "tokens_per_s", "hook_time_share", "startup_s"}

@@ -13,7 +13,7 @@ from blade_mega.engine.model_engine import split_microbatches
 from blade_mega.selection.excess_loss import top_k_samples
 from blade_mega.sketch.diversity import greedy_diverse_top_k
 from blade_mega.sketch.projection import global_projection, projection_columns
-from blade_mega.testing import run_distributed
+from blade_mega.testing import in_rank, run_distributed
 
 SEED = 1234
 DRAWS = 3  # independent projection seeds: accuracy is judged on the median draw
@@ -51,15 +51,12 @@ def spearman(a, b):
 
 # -- in-rank checks -----------------------------------------------------------------------------
 def _exact_rank(argv):
-    from blade_mega.engine import cpu_compat, parallel
     from blade_mega.config import parse_config
     from blade_mega.engine.model_engine import make_microbatch
     from blade_mega.train.trainer import Trainer
     from blade_mega.sketch.sketcher import GradientSketcher
 
-    cpu_compat.install()
-    _, layout = parallel.init_distributed(1, 1)
-    try:
+    with in_rank() as layout:
         trainer = Trainer(parse_config(argv), layout)
         _train_on_target(trainer, 6)
         hook, model = trainer.hook, trainer.learner.module
@@ -106,8 +103,6 @@ def _exact_rank(argv):
                 "target_norm": float(exact_target.norm()),
                 "exact_gram": (flat_exact @ flat_exact.T).numpy(),
                 "sketch_floats": flat_sketch.size(1), "grad_floats": flat_exact.size(1)}
-    finally:
-        parallel.shutdown()
 
 
 def _ranking(trainer):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from blade_mega.data.sidecar import EXCESS_SUM, KEPT, SCORED, SUFFIX
-from blade_mega.testing import run_distributed
+from blade_mega.testing import in_rank, run_distributed, trainer_in_rank
 
 WORLD = 2
 LAYOUTS = ((1, 1), (2, 1), (1, 2))
@@ -33,12 +33,6 @@ def _argv(data):
             "--seq-length", "64", "--global-batch-size", "8", "--micro-batch-size", "2",
             "--train-iters", "1", "--eval-interval", "0", "--no-progress",
             "--selection", "sketch-influence"]
-
-
-def _trainer(argv, tp=1, pp=1):
-    from blade_mega.testing import trainer_in_rank
-
-    return trainer_in_rank(argv, tp, pp)
 
 
 def _recording_collectives(record):
@@ -73,21 +67,18 @@ def _restore(originals):
 
 
 def _sketch_rank(argv):
-    from blade_mega.engine import cpu_compat, parallel
     from blade_mega.sketch.whole import whole_sketches
 
-    cpu_compat.install()
-    parallel.init_distributed(1, 1)
     out = {}
-    try:
+    with in_rank():
         for tp, pp in LAYOUTS:
-            trainer = _trainer(argv, tp, pp)
+            trainer = trainer_in_rank(argv, tp, pp)
             hook = trainer.hook
             ids = trainer.train_data.ordered_ids(0, SAMPLES)
             partial = hook.sketcher.sketch(hook.read(hook.local_share(ids)))
             out[(tp, pp)] = whole_sketches(partial, hook.sketcher, hook.groups).cpu().numpy()
         # The DP2 trainer (TP1/PP1) is rebuilt last so nothing but the scorer communicates.
-        trainer = _trainer(argv, 1, 1)
+        trainer = trainer_in_rank(argv, 1, 1)
         hook = trainer.hook
         block = trainer.train_data.ordered_ids(100, BLOCK)
         for beta in (0.0, 0.5):
@@ -103,8 +94,6 @@ def _sketch_rank(argv):
                                           "scores": scores, "gram": gram}
         out["slot_floats"] = hook.sketcher.num_slots * hook.sketcher.slot_size
         out["params"] = sum(p.numel() for p in trainer.learner.module.parameters())
-    finally:
-        parallel.shutdown()
     return out
 
 
@@ -182,13 +171,9 @@ def _record_steps(hook):
 
 
 def _training_rank(argv, full, split, uniform):
-    from blade_mega.engine import cpu_compat, parallel
-
-    cpu_compat.install()
-    parallel.init_distributed(1, 1)
     out = {}
-    try:
-        trainer = _trainer(argv + ["--save", full, "--log-file", full + ".jsonl"])
+    with in_rank():
+        trainer = trainer_in_rank(argv + ["--save", full, "--log-file", full + ".jsonl"])
         steps = _record_steps(trainer.hook)
         trainer.train()
         for row in steps:  # main document of each candidate (one dataset: part 0)
@@ -197,15 +182,14 @@ def _training_rank(argv, full, split, uniform):
             row["documents"][where] = documents
         out["steps"] = steps
         out["table"] = trainer.hook.ctx.record.sidecars[0].dense_table()
-        _trainer(argv + ["--save", split, "--exit-interval", "2"]).train()
-        resumed = _trainer(argv + ["--load", split, "--save", split])
-        resumed.load()
+        trainer_in_rank(argv + ["--save", split, "--exit-interval", "2"]).train()
+        resumed = trainer_in_rank(argv + ["--load", split, "--save", split])
+        resumed.checkpointer.load()
         out["restored"] = resumed.hook.ctx.record.sidecars[0].dense_table()
         out["restored_target_consumed"] = resumed.hook.target_consumed
         resumed.train()  # loads the same checkpoint again, then runs steps 2 and 3
-        _trainer(argv + ["--selection", "uniform", "--train-iters", "1", "--save", uniform]).train()
-    finally:
-        parallel.shutdown()
+        trainer_in_rank(argv + ["--selection", "uniform", "--train-iters", "1",
+                         "--save", uniform]).train()
     return out
 
 

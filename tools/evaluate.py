@@ -82,7 +82,7 @@ def build_model(ckpt, layout):
         raise UserError(f"{ckpt.directory}: its {ckpt.size.query_groups} key/value groups do not "
                         f"split over --tensor-model-parallel-size {layout.tp}")
     model = build_gpt(ckpt.size, ckpt.padded_vocab_size, seed=0,
-                      bf16=bool(getattr(ckpt.args, "bf16", False)))
+                      bf16=ckpt.config.model.bf16)
     offset = model.decoder.layers[0].layer_number - 1
     names = list(model.state_dict())
     state = shard_for(ckpt, names, parallel_state.get_tensor_model_parallel_rank(), layout.tp,

@@ -100,7 +100,7 @@ def llama_config(ckpt: Checkpoint, vocab_rows: int, tokenizer, dtype: torch.dtyp
         head_dim=size.hidden_size // size.num_attention_heads,
         hidden_act="silu",
         max_position_embeddings=size.max_position_embeddings,
-        initializer_range=getattr(ckpt.args, "init_method_std", 0.02),
+        initializer_range=ckpt.config.model.init_method_std,
         rms_norm_eps=1e-5,  # TransformerConfig.layernorm_epsilon's default
         tie_word_embeddings=False,  # blade-pretrain's embeddings and output layer are separate
         rope_parameters={"rope_type": "default", "rope_theta": float(size.rotary_base)},
@@ -167,7 +167,7 @@ def neox_config(ckpt: Checkpoint, vocab_rows: int, tokenizer, dtype: torch.dtype
         intermediate_size=size.ffn_hidden_size,
         hidden_act="gelu",  # exact (erf) GELU, as Megatron's F.gelu
         max_position_embeddings=size.max_position_embeddings,
-        initializer_range=getattr(ckpt.args, "init_method_std", 0.02),
+        initializer_range=ckpt.config.model.init_method_std,
         layer_norm_eps=1e-5,
         tie_word_embeddings=False,
         use_parallel_residual=False,  # Megatron's pre-norm layer: attention, then the MLP

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-from blade_mega.config.run_config import (  # noqa: F401 - the package's API
+from blade_mega.config.run_config import (
     CheckpointConfig, DataConfig, LogConfig, ModelConfig, ParallelConfig, RunConfig,
     SelectionConfig, TrainConfig, from_checkpoint)
+
+__all__ = ["CheckpointConfig", "DataConfig", "LogConfig", "ModelConfig", "ParallelConfig",
+           "RunConfig", "SelectionConfig", "TrainConfig", "from_checkpoint", "parse_config"]
 
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> RunConfig:

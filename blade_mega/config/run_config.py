@@ -262,7 +262,8 @@ def _model_section(flags: argparse.Namespace, size: ModelSize) -> ModelConfig:
                         "shorten the sequences or enlarge the model's positions")
     return ModelConfig(
         model_size=flags.model_size, size=size, tokenizer_model=flags.tokenizer_model,
-        vocab_size=flags.vocab_size, make_vocab_size_divisible_by=flags.make_vocab_size_divisible_by,
+        vocab_size=flags.vocab_size,
+        make_vocab_size_divisible_by=flags.make_vocab_size_divisible_by,
         init_method_std=flags.init_method_std, bf16=bool(bf16),
         recompute_granularity=flags.recompute_granularity, recompute_method=method,
         recompute_num_layers=layers, sequence_parallel=bool(sequence_parallel))

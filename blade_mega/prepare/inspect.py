@@ -4,7 +4,6 @@ The checks themselves (`check_header`, `verify`) are the online path's (`data/in
 `summarize` opens the dataset with megatron.core's reader, the one training uses.
 """
 
-import os
 import warnings
 from typing import List, Optional
 
