@@ -41,3 +41,14 @@ def test_every_source_path_the_docs_name_exists():
             if not os.path.exists(os.path.join(REPO, path)):
                 missing.append(f"{doc}: {path}")
     assert not missing, missing
+
+
+def test_every_registered_method_is_documented():
+    """docs/method.md's table of --selection methods lists exactly the registered built-ins
+    (a method registered by a test file is not one)."""
+    from blade_mega.selection.methods import BUILT_IN
+
+    table = re.search(r"\| `--selection` \| reference \| rule \|\n((?:\|.*\n)+)",
+                      read("docs/method.md")).group(1)
+    documented = re.findall(r"^\| `([\w-]+)`", table, flags=re.M)
+    assert documented == [spec.name for spec in BUILT_IN]

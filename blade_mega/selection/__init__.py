@@ -2,3 +2,5 @@
 registered with its facts in ``methods.py`` (``registry.method_spec(name).build(ctx)``).
 
 ``sketch/`` is the gradient-sketch library the selectors here build on."""
+
+from blade_mega.selection import methods  # noqa: F401 - registers the built-in methods

@@ -153,3 +153,4 @@ BLADE = register(MethodSpec(
 SKETCH_INFLUENCE = register(MethodSpec(
     "sketch-influence", "blade_mega.selection.influence:SketchInfluenceSelector",
     needs_target=True, candidates=sample_block, check=sketch_checks, cost=sketch_cost))
+BUILT_IN = (UNIFORM, HIGHLOSS, RHO, BLADE, SKETCH_INFLUENCE)

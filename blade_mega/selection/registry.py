@@ -85,17 +85,12 @@ def register(spec: MethodSpec) -> MethodSpec:
     return spec
 
 
-def _builtins() -> None:
-    from blade_mega.selection import methods  # noqa: F401 - registers the built-in methods
-
-
+# The built-in methods are registered when the package is imported (selection/__init__.py).
 def method_names() -> list[str]:
-    _builtins()
     return list(_METHODS)
 
 
 def method_spec(name: str) -> MethodSpec:
-    _builtins()
     if name not in _METHODS:
         raise UserError(f"--selection {name} is not available in this build; "
                         f"choose one of {', '.join(sorted(_METHODS))}")
