@@ -9,40 +9,41 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Union
+from typing import Any, Callable, Union
 
 from blade_mega.errors import UserError
 
-if TYPE_CHECKING:
-    from blade_mega.config.run_config import RunConfig, SelectionConfig
-    from blade_mega.engine.model import ModelSize
+# The rules below take the run's RunConfig (config/run_config.py), which imports this module to
+# validate the --selection choice: they are typed by description, not by import, so the config
+# layer stays above the registry.
+RunConfig = SelectionConfig = ModelSize = Any
 
 
 @dataclass(frozen=True)
 class EngineRole:
     """One model engine a method builds (for the memory plan)."""
     role: str          # learner | reference | proxy | proxy_reference | ...
-    size: "ModelSize"
+    size: ModelSize
     offload: bool      # optimizer state in host memory
 
 
-def one_batch(config: "RunConfig") -> int:
+def one_batch(config: RunConfig) -> int:
     return config.data.global_batch_size
 
 
-def learner_only(config: "RunConfig", learner: "ModelSize") -> list[EngineRole]:
+def learner_only(config: RunConfig, learner: ModelSize) -> list[EngineRole]:
     return [EngineRole("learner", learner, False)]
 
 
-def unchanged(config: "RunConfig") -> "SelectionConfig":
+def unchanged(config: RunConfig) -> SelectionConfig:
     return config.selection
 
 
-def no_checks(config: "RunConfig") -> None:
+def no_checks(config: RunConfig) -> None:
     pass
 
 
-def training_only(config: "RunConfig") -> float:
+def training_only(config: RunConfig) -> float:
     return 1.0
 
 
@@ -56,15 +57,15 @@ class MethodSpec:
     needs_target: bool = False   # reads the target set V (--target-data-path)
     proxy_pair: bool = False     # may score with a small proxy pair (--reference-model PRESET)
     # Candidates one selecting step reads (the sample index is sized by it).
-    candidates: Callable[["RunConfig"], int] = one_batch
+    candidates: Callable[[RunConfig], int] = one_batch
     # Every engine it builds, for the memory plan (--dry-run).
-    engines: Callable[["RunConfig", "ModelSize"], list[EngineRole]] = learner_only
+    engines: Callable[[RunConfig, ModelSize], list[EngineRole]] = learner_only
     # The selection section with the method's own defaults filled in (rho's reference budget).
-    resolve: Callable[["RunConfig"], "SelectionConfig"] = unchanged
+    resolve: Callable[[RunConfig], SelectionConfig] = unchanged
     # Flag combinations the method cannot run: raise UserError naming the flags.
-    check: Callable[["RunConfig"], None] = no_checks
+    check: Callable[[RunConfig], None] = no_checks
     # Analytic cost of one step in learner training steps (1: no overhead; a forward is 1/3).
-    cost: Callable[["RunConfig"], float] = training_only
+    cost: Callable[[RunConfig], float] = training_only
 
     def build(self, ctx):
         selector = self.selector
