@@ -203,39 +203,38 @@ def _train_save_and_probe(argv):
     import torch
     from megatron.core import parallel_state
 
-    from blade_mega.engine import cpu_compat, parallel
     from blade_mega.config import parse_config
+    from blade_mega.testing import in_rank
     from blade_mega.train.model_weights import read_checkpoint, shard_for
     from blade_mega.train.trainer import Trainer
 
     config = parse_config(argv)
-    cpu_compat.install()
-    _, layout = parallel.init_distributed(config.parallel.tensor_model_parallel_size,
-                                          config.parallel.pipeline_model_parallel_size, 2.0)
-    trainer = Trainer(config, layout)
-    try:
-        trainer.train()
-        module = trainer.learner.module
-        logits = _layout_logits(module, probe_tokens())
-        offset = module.decoder.layers[0].layer_number - 1
-        shard = shard_for(read_checkpoint(config.checkpoint.save), module.state_dict().keys(),
-                          parallel_state.get_tensor_model_parallel_rank(),
-                          parallel_state.get_tensor_model_parallel_world_size(), offset)
-        trained = module.state_dict()
-        differ = sorted(n for n, t in shard.items() if not torch.equal(t, trained[n]))
-        if parallel_state.get_tensor_model_parallel_rank() != 0:
-            logits = None
-        records = []
-        if config.log.log_file and torch.distributed.get_rank() == 0:
-            with open(config.log.log_file) as f:
-                records = [json.loads(line) for line in f]
-        return {"logits": None if logits is None else logits.tolist(), "differ": differ,
-                "missing": sorted(set(trained) - set(shard) - {n for n in trained
-                                                               if n.endswith("_extra_state")}),
-                "train": [r for r in records if r["kind"] == "train"]}
-    finally:
-        trainer.close()
-        parallel.shutdown()
+    parallel = config.parallel
+    with in_rank(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size,
+                 timeout_minutes=2.0) as layout:
+        trainer = Trainer(config, layout)
+        try:
+            trainer.train()
+            module = trainer.learner.module
+            logits = _layout_logits(module, probe_tokens())
+            offset = module.decoder.layers[0].layer_number - 1
+            shard = shard_for(read_checkpoint(config.checkpoint.save), module.state_dict().keys(),
+                              parallel_state.get_tensor_model_parallel_rank(),
+                              parallel_state.get_tensor_model_parallel_world_size(), offset)
+            trained = module.state_dict()
+            differ = sorted(n for n, t in shard.items() if not torch.equal(t, trained[n]))
+            if parallel_state.get_tensor_model_parallel_rank() != 0:
+                logits = None
+            records = []
+            if config.log.log_file and torch.distributed.get_rank() == 0:
+                with open(config.log.log_file) as f:
+                    records = [json.loads(line) for line in f]
+            return {"logits": None if logits is None else logits.tolist(), "differ": differ,
+                    "missing": sorted(set(trained) - set(shard) - {n for n in trained
+                                                                   if n.endswith("_extra_state")}),
+                    "train": [r for r in records if r["kind"] == "train"]}
+        finally:
+            trainer.close()
 
 
 def _train_save_and_probe_each(argvs):

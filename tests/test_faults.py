@@ -465,12 +465,8 @@ def test_nonfinite_losses_stop_with_the_last_good_state_saved(demo_data, tmp_pat
 def _steps_with_and_without_a_bad_one(argv: list[str]) -> dict:
     """One DP rank of a ZeRO-2 run: a learner steps good, NaN, good; a twin steps good, good.
     Returns whether their weights, fp32 master partitions and Adam moments are bit-identical."""
-    from blade_mega.engine import cpu_compat, parallel
     from blade_mega.engine.model_engine import split_microbatches
-    from blade_mega.testing import trainer_in_rank
-
-    cpu_compat.install()
-    parallel.init_distributed(1, 1, 2.0)
+    from blade_mega.testing import in_rank, trainer_in_rank
 
     def batch(step: int, poisoned: bool = False):
         rank = torch.distributed.get_rank()
@@ -481,29 +477,29 @@ def _steps_with_and_without_a_bad_one(argv: list[str]) -> dict:
             weights[0, 5] = float("nan")  # as an overflow would: NaN loss, NaN gradients
         return split_microbatches(samples, 4, weights)
 
-    outcomes = {}
-    for zero in ("1", "2"):
-        outcome, learners = {}, {}
-        for name, plan in {"with_bad": [(0, False), (1, True), (1, False)],
-                           "straight": [(0, False), (1, False)]}.items():
-            trainer = trainer_in_rank(argv + ["--zero-stage", zero])
-            outcome[f"{name}_finite"] = [
-                trainer.learner.train_step(batch(step, bad), 8 * 32, 1e-2)[1]
-                for step, bad in plan]
-            learners[name] = trainer
-        a, b = (learners[n].learner for n in ("with_bad", "straight"))
-        outcome["weights"] = all(torch.equal(x, y) for x, y in zip(a.module.parameters(),
-                                                                  b.module.parameters()))
-        fp32 = [e.engine.optimizer.single_partition_of_fp32_groups for e in (a, b)]
-        outcome["fp32_partitions"] = len(fp32[0]) > 0 and all(
-            torch.equal(x, y) for x, y in zip(*fp32))
-        states = [list(e.engine.optimizer.optimizer.state.values()) for e in (a, b)]
-        outcome["adam_moments"] = len(states[0]) > 0 and all(
-            torch.equal(x[k], y[k]) for x, y in zip(*states) for k in ("exp_avg", "exp_avg_sq"))
-        for trainer in learners.values():
-            trainer.close()
-        outcomes[zero] = outcome
-    parallel.shutdown()
+    with in_rank(timeout_minutes=2.0):
+        outcomes = {}
+        for zero in ("1", "2"):
+            outcome, learners = {}, {}
+            for name, plan in {"with_bad": [(0, False), (1, True), (1, False)],
+                               "straight": [(0, False), (1, False)]}.items():
+                trainer = trainer_in_rank(argv + ["--zero-stage", zero])
+                outcome[f"{name}_finite"] = [
+                    trainer.learner.train_step(batch(step, bad), 8 * 32, 1e-2)[1]
+                    for step, bad in plan]
+                learners[name] = trainer
+            a, b = (learners[n].learner for n in ("with_bad", "straight"))
+            outcome["weights"] = all(torch.equal(x, y) for x, y in zip(a.module.parameters(),
+                                                                      b.module.parameters()))
+            fp32 = [e.engine.optimizer.single_partition_of_fp32_groups for e in (a, b)]
+            outcome["fp32_partitions"] = len(fp32[0]) > 0 and all(
+                torch.equal(x, y) for x, y in zip(*fp32))
+            states = [list(e.engine.optimizer.optimizer.state.values()) for e in (a, b)]
+            outcome["adam_moments"] = len(states[0]) > 0 and all(
+                torch.equal(x[k], y[k]) for x, y in zip(*states) for k in ("exp_avg", "exp_avg_sq"))
+            for trainer in learners.values():
+                trainer.close()
+            outcomes[zero] = outcome
     return outcomes
 
 
