@@ -95,7 +95,8 @@ def _is_container(value) -> bool:
 
 def _walk(value, path: str, out: dict) -> None:
     """Flatten ``value`` into ``out``: leaf path (keys joined by ``/``, list items as ``[i]``)
-    -> sha256.  Tensors and arrays hash their dtype, shape and bytes; lists and tuples of plain
+    -> sha256.  Tensors and arrays hash their dtype, shape and bytes (an array as the tensor
+    of its values); lists and tuples of plain
     values (betas, torch.Size) are one leaf; any other value hashes its ``repr``."""
     def child(key):
         return f"{path}/{key}" if path else str(key)
@@ -106,10 +107,10 @@ def _walk(value, path: str, out: dict) -> None:
         data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
         out[path] = _sha(b"tensor", str(tensor.dtype).encode(),
                          repr(tuple(tensor.shape)).encode(), data)
-    elif isinstance(value, numpy.ndarray):
-        array = numpy.ascontiguousarray(value)
-        out[path] = _sha(b"ndarray", array.dtype.str.encode(), repr(array.shape).encode(),
-                         array.tobytes())
+    elif isinstance(value, numpy.ndarray) and value.dtype != object:
+        # the values, whichever container holds them: a run state may keep ids as a NumPy
+        # array or as a tensor (checkpoints load as data since format 2: tensors)
+        _walk(torch.from_numpy(numpy.ascontiguousarray(value)), path, out)
     elif isinstance(value, dict) and value:
         for key, item in value.items():
             _walk(item, child(key), out)

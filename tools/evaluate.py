@@ -34,6 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a --save directory (its newest complete checkpoint) or one "
                              "iter_XXXXXXX of it")
     parser.add_argument("--data-path", nargs="+", required=True, help="indexed dataset prefixes")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="may unpickle what a checkpoint never holds, which can run code: "
+                             "only for checkpoints you trust, such as one written before "
+                             "checkpoint format 2 (also: BLADE_TRUST_CHECKPOINT=1)")
     parser.add_argument("--noise-labels", nargs="+",
                         help="one .meta.jsonl per --data-path: figures per 'noise' label too")
     parser.add_argument("--seq-length", type=int, help="chunk length (default: the run's)")
@@ -106,7 +110,7 @@ def evaluate(args) -> dict:
     from blade_mega.train.model_weights import read_checkpoint
     from blade_mega.engine.parallel import Layout
 
-    ckpt = read_checkpoint(args.load)
+    ckpt = read_checkpoint(args.load, args.trust_checkpoint)
     seq_length = args.seq_length or ckpt.config.data.seq_length
     if not 2 <= seq_length <= ckpt.size.max_position_embeddings:
         raise UserError(f"--seq-length {seq_length}: use 2 .. the model's "

@@ -271,10 +271,11 @@ def _prepare_output(output: str) -> str:
     return tmp
 
 
-def export(load: str, output: str, tokenizer_model=None, keep_padded_vocab: bool = False) -> dict:
+def export(load: str, output: str, tokenizer_model=None, keep_padded_vocab: bool = False,
+           trust_checkpoint: bool = False) -> dict:
     transformers = _require_transformers()
 
-    ckpt = read_checkpoint(load)
+    ckpt = read_checkpoint(load, trust_checkpoint)
     architecture = hf_class(ckpt)
     tokenizer = _load_tokenizer(tokenizer_model, ckpt)
     vocab_rows = ckpt.padded_vocab_size if keep_padded_vocab else ckpt.vocab_size
@@ -320,9 +321,13 @@ def main() -> int:
                         help="SentencePiece model (default: the run's --tokenizer-model)")
     parser.add_argument("--keep-padded-vocab", action="store_true",
                         help="export Megatron's padded vocabulary rows too")
+    parser.add_argument("--trust-checkpoint", action="store_true",
+                        help="may unpickle what a checkpoint never holds, which can run code: "
+                             "only for checkpoints you trust, such as one written before "
+                             "checkpoint format 2 (also: BLADE_TRUST_CHECKPOINT=1)")
     args = parser.parse_args()
     print(json.dumps(export(args.load, args.output, args.tokenizer_model,
-                            args.keep_padded_vocab)))
+                            args.keep_padded_vocab, args.trust_checkpoint)))
     return 0
 
 

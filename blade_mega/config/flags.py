@@ -131,6 +131,11 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true",
                    help="with --load: take only the model weights (continued pretraining); "
                         "iteration, optimizer, data order and selection state start fresh")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="--load (and --rho-ref-load) may unpickle what a checkpoint of this "
+                        "version never holds, which can run code: only for checkpoints you "
+                        "trust, such as one written before checkpoint format 2 (also: "
+                        "BLADE_TRUST_CHECKPOINT=1)")
     g.add_argument("--save-interval", type=int, default=0)
     g.add_argument("--keep-checkpoints", type=int, default=2)
 

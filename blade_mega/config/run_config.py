@@ -93,6 +93,7 @@ class CheckpointConfig:
     finetune: bool
     save_interval: int
     keep_checkpoints: int
+    trust_checkpoint: bool = False   # may unpickle beyond data (train/safe_load.py)
 
 
 @dataclass(frozen=True)

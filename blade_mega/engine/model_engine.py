@@ -98,13 +98,18 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [group for group in groups if group["params"]]
 
 
-def initialize_engine(model: torch.nn.Module, config: dict):
+def initialize_engine(model: torch.nn.Module, config: dict, trust_checkpoint: bool = False):
+    """A DeepSpeed engine for ``model`` whose checkpoint files load as data
+    (train/safe_load.py; ``trust_checkpoint``: the user allows pickle beyond that)."""
     import deepspeed
+
+    from blade_mega.train import safe_load
 
     weight_decay = config.get("optimizer", {}).get("params", {}).get("weight_decay", 0.0)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, weight_decay),
         config=config, mpu=MegatronMPU())
+    safe_load.install(engine, trust_checkpoint)
     return engine
 
 

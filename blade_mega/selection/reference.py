@@ -184,7 +184,9 @@ class Reference:
                 "steps_trained": self.steps_trained, "bad_steps": self.bad_steps,
                 "last_sync_step": self.last_sync_step,
                 "last_divergence": self.last_divergence,
-                "replay": [vars(batch).copy() for batch in self.replay]}
+                # ids as a tensor: a run state holds no NumPy, so it loads as data
+                "replay": [{**vars(batch), "ids": torch.from_numpy(batch.ids)}
+                           for batch in self.replay]}
 
     def load_state_dict(self, state: dict) -> None:
         self.target_consumed = state["target_consumed"]
@@ -194,7 +196,8 @@ class Reference:
         self.last_sync_step = state["last_sync_step"]
         self.last_divergence = state["last_divergence"]
         self.replay.clear()
-        self.replay.extend(ReplayBatch(**batch) for batch in state.get("replay", []))
+        self.replay.extend(ReplayBatch(**{**batch, "ids": np.asarray(batch["ids"])})
+                           for batch in state.get("replay", []))
 
     def save(self, directory: str) -> None:
         self.model.engine.save_checkpoint(directory, tag="reference", save_latest=False)

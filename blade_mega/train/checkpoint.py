@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import zlib
 from typing import Optional, Sequence
 
@@ -24,8 +25,9 @@ from megatron.core import tensor_parallel
 
 from blade_mega import distributed
 from blade_mega.atomic import write_atomic
-from blade_mega.errors import UserError
 from blade_mega.engine.parallel import Layout
+from blade_mega.errors import UserError
+from blade_mega.train import safe_load
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -74,8 +76,8 @@ def save(save_dir: str, iteration: int, engine, run_state: dict, layout: Layout,
     crcs = distributed.split_over_ranks(lambda name: _crc32(os.path.join(directory, name)), files)
     problem = None
     if rank == 0:
-        manifest = {"iteration": iteration, "tp": layout.tp, "pp": layout.pp,
-                    "dp": layout.dp, "files": files, "crc32": crcs}
+        manifest = {"format": safe_load.FORMAT, "iteration": iteration, "tp": layout.tp,
+                    "pp": layout.pp, "dp": layout.dp, "files": files, "crc32": crcs}
         problem = _guarded(lambda: (
             write_atomic(os.path.join(directory, MANIFEST), json.dumps(manifest, indent=1),
                          durable=True),
@@ -200,7 +202,9 @@ def find_loadable(load_dir: str) -> tuple[str, dict]:
                 print(f"warning: skipped broken checkpoint(s): {'; '.join(problems)}; "
                       f"loading {tag}", flush=True)
             with open(os.path.join(load_dir, tag, MANIFEST)) as f:
-                return tag, json.load(f)
+                manifest = json.load(f)
+            note_format(os.path.join(load_dir, tag), manifest)
+            return tag, manifest
         problems.append(problem)
     raise UserError(f"no complete checkpoint in {load_dir}: {problems[0]}; restore the files or "
                     "start without --load")
@@ -217,6 +221,17 @@ def load_weights(load_dir: str, engine, layout: Layout) -> str:
     return tag  # DeepSpeed refreshes ZeRO's fp32 master copy from the loaded weights
 
 
+def note_format(directory: str, manifest: dict) -> None:
+    """One warning line for a checkpoint of an older format (rank 0)."""
+    version = manifest.get("format", 1)
+    if version < safe_load.FORMAT and distributed.rank() == 0:
+        sys.stderr.write(
+            f"warning: {directory}: checkpoint format {version}, written before checkpoint "
+            f"format {safe_load.FORMAT}: its files load as data if they can; a run state that "
+            f"needs pickle loads only with --trust-checkpoint or {safe_load.TRUST_ENV}=1 (a new "
+            "save writes the current format)\n")
+
+
 def _check_layout(load_dir: str, tag: str, manifest: dict, layout: Layout, check_dp: bool):
     if (manifest["tp"], manifest["pp"]) != (layout.tp, layout.pp):
         raise UserError(
@@ -230,7 +245,7 @@ def _check_layout(load_dir: str, tag: str, manifest: dict, layout: Layout, check
 
 
 def load(load_dir: str, engine, layout: Layout, parts: Sequence = (),
-         load_optimizer: bool = True) -> dict:
+         load_optimizer: bool = True, trust: bool = False) -> dict:
     """Resume: weights, optimizer state (unless ``load_optimizer`` is False), every part's
     ``load_files(directory, load_optimizer)``, and this rank's run state. The data position and the sidecars are global, so a
     run may resume with another data-parallel size; ZeRO's optimizer partitions are per DP rank,
@@ -260,8 +275,10 @@ def load(load_dir: str, engine, layout: Layout, parts: Sequence = (),
     state_path = os.path.join(directory, f"run_state_rank{source:05d}.pt")
     state, problem = None, None
     try:
-        state = torch.load(state_path, weights_only=False)
-    except Exception as err:  # a corrupt pickle raises many types
+        state = safe_load.load_file(state_path, trust)
+    except UserError as err:  # refused: it holds what a run state never does
+        problem = str(err)
+    except Exception as err:  # a corrupt file raises many types
         problem = (f"{state_path}: unreadable run state ({type(err).__name__}); "
                    "remove this checkpoint directory to fall back to the previous one")
     problem = distributed.first_problem(problem)  # every rank stops, not only the bad file's

@@ -41,15 +41,18 @@ class RunPosition:
 
 
 class Checkpointer:
-    def __init__(self, config, layout, learner, position: RunPosition, trained_as: dict, log):
+    def __init__(self, config, layout, learner, position: RunPosition, trained_as: dict, log,
+                 trust: bool = False):
         """``trained_as``: what tools reading the checkpoint need besides the weights (the
-        config, the architecture, the vocab size), stored beside the parts' states."""
+        config, the architecture, the vocab size), stored beside the parts' states; ``trust``:
+        the user allows loading beyond data (train/safe_load.py)."""
         self.config = config.checkpoint
         self.layout = layout
         self.learner = learner
         self.position = position
         self.trained_as = trained_as
         self.log = log
+        self.trust = trust
         self.parts: dict[str, object] = {}
         self.saved_iteration = -1  # the iteration whose checkpoint is already in --save
 
@@ -93,7 +96,7 @@ class Checkpointer:
         """Resume from ``--load``: every part, then the run position."""
         load = self.config.load
         state = checkpoint.load(load, self.learner.engine, self.layout, self._with_files(),
-                                load_optimizer=not self.config.no_load_optim)
+                                load_optimizer=not self.config.no_load_optim, trust=self.trust)
         self.position.load_state_dict(state)
         for name, part in self._stateful().items():
             part.load_state_dict(state.get(name, {}))

@@ -19,7 +19,7 @@ import torch
 from blade_mega.config import RunConfig, from_checkpoint
 from blade_mega.engine.model import ModelSize, _global_name, gated_tp_order
 from blade_mega.errors import UserError
-from blade_mega.train import checkpoint
+from blade_mega.train import checkpoint, safe_load
 
 # Which dimension Megatron-Core's parallel layers split over TP ranks; the rest is replicated.
 # ColumnParallelLinear / VocabParallelEmbedding split their output rows, RowParallelLinear its
@@ -67,16 +67,18 @@ def _model_parallel_coords(tp: int, pp: int, dp: int) -> list[tuple[int, int]]:
     return [(position[r]["tp"], position[r]["pp"]) for r in model_parallel_group]
 
 
-def _load(path: str) -> dict:
+def _load(path: str, trust: bool) -> dict:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a corrupt pickle raises many types
+        return safe_load.load_file(path, trust)
+    except UserError:
+        raise  # refused: names the file and what it holds
+    except Exception as err:  # a corrupt file raises many types
         raise UserError(f"{path}: unreadable ({type(err).__name__}); the checkpoint is damaged, "
                         "load an earlier one") from None
 
 
-def _run_config(directory: str) -> tuple[RunConfig, dict]:
-    state = _load(os.path.join(directory, "run_state_rank00000.pt"))
+def _run_config(directory: str, trust: bool) -> tuple[RunConfig, dict]:
+    state = _load(os.path.join(directory, "run_state_rank00000.pt"), trust)
     return from_checkpoint(state), state
 
 
@@ -86,8 +88,10 @@ def _size_of(config: RunConfig, run_state: dict) -> ModelSize:
     return config.model.size
 
 
-def read_checkpoint(load: str) -> Checkpoint:
-    """The newest complete checkpoint under ``load`` (a --save directory or one iter_ of it)."""
+def read_checkpoint(load: str, trust: bool = False) -> Checkpoint:
+    """The newest complete checkpoint under ``load`` (a --save directory or one iter_ of it),
+    its files read as data (``trust``: beyond data too, train/safe_load.py)."""
+    trust = safe_load.trusted(trust)
     load = os.path.abspath(load)
     if os.path.isfile(os.path.join(load, checkpoint.MANIFEST)):
         root, tag = os.path.split(load)
@@ -96,6 +100,7 @@ def read_checkpoint(load: str) -> Checkpoint:
             raise UserError(f"{problem}; pick a complete checkpoint")
         with open(os.path.join(load, checkpoint.MANIFEST)) as f:
             manifest = json.load(f)
+        checkpoint.note_format(load, manifest)
     elif os.path.isdir(load):
         tag, manifest = checkpoint.find_loadable(load)
         root = load
@@ -104,13 +109,13 @@ def read_checkpoint(load: str) -> Checkpoint:
                         "of its iter_XXXXXXX")
     directory = os.path.join(root, tag)
     tp, pp, dp = manifest["tp"], manifest["pp"], manifest["dp"]
-    config, run_state = _run_config(directory)
+    config, run_state = _run_config(directory, trust)
     size = _size_of(config, run_state)
     coords = _model_parallel_coords(tp, pp, dp)
     stages: list[list[dict]] = [[None] * tp for _ in range(pp)]
     for mp_rank, (tp_rank, pp_rank) in enumerate(coords):
         path = os.path.join(directory, f"mp_rank_{mp_rank:02d}_model_states.pt")
-        module = _load(path)["module"]
+        module = _load(path, trust)["module"]
         stages[pp_rank][tp_rank] = {k: v for k, v in module.items()
                                     if not k.endswith("_extra_state")}
     state: dict = {}

@@ -17,6 +17,7 @@ import torch
 
 from blade_mega.config import RunConfig
 from blade_mega.errors import UserError
+from blade_mega.train import safe_load
 from blade_mega.train.checkpointer import Checkpointer, RunPosition
 from blade_mega.train.flops import TRAIN, FlopCounter
 from blade_mega.train.metrics import MetricsLog, peak_rss_bytes, progress
@@ -77,6 +78,7 @@ class Trainer:
 
         self.config = config
         self.layout = layout
+        self.trust_checkpoint = safe_load.trusted(config.checkpoint.trust_checkpoint)
         data = config.data
         self.num_microbatches = plan.microbatches_per_step(config, layout.dp)
         check_zero_schedule(config.parallel.zero_stage, self.num_microbatches)
@@ -131,7 +133,7 @@ class Trainer:
         trained_as = {"config": config.to_dict(), "model": self.size.__dict__,
                       "vocab_size": self.vocab}
         self.checkpointer = Checkpointer(config, layout, self.learner, self.position,
-                                         trained_as, self.log)
+                                         trained_as, self.log, self.trust_checkpoint)
         self.checkpointer.register("hook", self.hook)
         self.checkpointer.register("flops", self.flops)
         if self.hook.keeps_sidecar:
@@ -148,7 +150,8 @@ class Trainer:
         model = build_gpt(size, vocab, seed=config.data.seed, bf16=config.model.bf16,
                           init_std=config.model.init_method_std,
                           options=speed_options(config.model))
-        engine = initialize_engine(model, ds_config.for_run(config, self.layout.dp, offload))
+        engine = initialize_engine(model, ds_config.for_run(config, self.layout.dp, offload),
+                                   self.trust_checkpoint)
         self.engines.append(engine)
         return ModelEngine(engine, config.data.seq_length, config.data.micro_batch_size)
 
