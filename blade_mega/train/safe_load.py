@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import sys
+from typing import Optional
 
 import torch
 
@@ -52,6 +53,8 @@ def load_file(path: str, trust: bool = False, map_location="cpu"):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         refused = _refused_type(str(err))
+        if refused is None:
+            raise  # not a type it refused: a damaged file, which the caller reports
         if not trust:
             raise UserError(
                 f"{path}: refused to load: it holds {refused}, which unpickling would build by "
@@ -64,13 +67,13 @@ def load_file(path: str, trust: bool = False, map_location="cpu"):
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
-def _refused_type(message: str) -> str:
-    """The type PyTorch's weights-only unpickler named when it stopped."""
-    for pattern in (r"GLOBAL ([\w.]+)", r"but got <class '([\w.]+)'>", r"global[: ]+([\w.]+)"):
+def _refused_type(message: str) -> Optional[str]:
+    """The type PyTorch's weights-only unpickler named when it refused one, else None."""
+    for pattern in (r"GLOBAL ([\w.]+)", r"but got <class '([\w.]+)'>"):
         match = re.search(pattern, message)
         if match:
             return match.group(1)
-    return "an object of a type outside the data types"
+    return None
 
 
 def _format_note(path: str) -> str:
