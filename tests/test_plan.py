@@ -158,3 +158,14 @@ def test_plan_matches_the_engines_and_norms_and_biases_do_not_decay(demo_data, t
             assert decayed and all(n.endswith("weight") and "norm" not in n for n in decayed)
             assert kept and all(n.endswith("bias") or "layernorm" in n for n in kept)
             assert any("layernorm" in n for n in kept) and any(n.endswith("bias") for n in kept)
+
+
+@pytest.mark.parametrize("flags, dtype", [([], "bf16"), (["--fp32"], "fp32")])
+def test_a_dry_run_plans_the_clusters_dtype_not_this_machines(base, capsys, flags, dtype):
+    # This machine has no CUDA (a run here trains fp32); the planned cluster run is bf16
+    # unless --fp32 says otherwise.
+    cluster = [flag for flag in CLUSTER if flag != "--bf16"]
+    code, out, err = run_main([*base, *cluster, *flags], capsys)
+    assert code == 0, err
+    figures = json.loads(out.splitlines()[-1])
+    assert figures["dtype"] == dtype and figures["config"]["bf16"] is (dtype == "bf16")

@@ -235,12 +235,14 @@ def model_size(flags: argparse.Namespace) -> ModelSize:
 
 def _model_section(flags: argparse.Namespace, size: ModelSize) -> ModelConfig:
     """The model, and the device flags as resolved: bf16 by default with CUDA (--fp32 opts out),
-    recompute flags as Megatron-LM checks them."""
+    and in a --dry-run, which plans the cluster's run whatever machine it runs on; recompute
+    flags as Megatron-LM checks them."""
     from blade_mega.engine.cpu_compat import cuda_available
 
     if flags.fp32 and flags.bf16:
         raise UserError("--bf16 and --fp32 contradict each other; give one")
-    bf16 = False if flags.fp32 else (cuda_available() if flags.bf16 is None else flags.bf16)
+    default_bf16 = True if flags.dry_run else cuda_available()
+    bf16 = False if flags.fp32 else (default_bf16 if flags.bf16 is None else flags.bf16)
     method, layers = flags.recompute_method, flags.recompute_num_layers
     full = flags.recompute_granularity == "full"
     if not full and (method is not None or layers is not None):
