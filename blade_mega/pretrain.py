@@ -48,7 +48,8 @@ def dry_run(config: RunConfig) -> None:
     figures = plan.plan(config, world_size, vocab_size(config))
     ds_config.for_run(config, figures["layout"]["dp"])
     if proc.rank == 0:
-        for line in [f"device path here: {device_path.detect().describe(config.model.bf16)}",
+        # This machine's own path (a run here); the plan is for the cluster's dtype.
+        for line in [f"device path here: {device_path.detect().describe()}",
                      *plan.describe(figures)]:
             print(line)
         resolved = {k: v for k, v in config.as_flags().items() if k != "split_weights"}
