@@ -9,6 +9,7 @@ block ahead (plugged into the training stream here), the run position, and the
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 import warnings
@@ -120,7 +121,7 @@ class Trainer:
         self.sampler = CandidateBlockSampler(self.train_data, data.seed, data.reweight_mix,
                                              record.sidecars if self.hook.keeps_sidecar else None)
         log = config.log
-        self.log = MetricsLog(log.log_file or (f"{config.checkpoint.save}/log.jsonl"
+        self.log = MetricsLog(log.log_file or (os.path.join(config.checkpoint.save, "log.jsonl")
                                                if config.checkpoint.save else None),
                               log.tensorboard_dir, enabled=self.rank == 0)
         self.position = RunPosition()
