@@ -171,11 +171,17 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
                    help="blade's scorer: 'same' (w has the learner's architecture), a preset "
                         "name (a small proxy pair u'/w' scores instead), or 'auto' (the preset "
                         "of the learner's family nearest 1/16 of its transformer FLOPs per "
-                        "token, at most 1/4; else 'same')")
+                        "token, at most 1/4; else 'same'). rho: 'auto' is 'same'; a preset is "
+                        "its static reference's size (see --rho-scorer)")
     g.add_argument("--reference-offload", action="store_true",
                    help="keep the reference's optimizer state in host memory (ZeRO-Offload)")
     g.add_argument("--rho-ref-steps", type=int, default=None,
                    help="rho's one-off reference training steps (default: blade's total budget)")
+    g.add_argument("--rho-scorer", default="learner", choices=("learner", "proxy"),
+                   help="rho with --reference-model PRESET: 'learner' scores its own loss "
+                        "against the small reference (RHO-LOSS's setting); 'proxy' scores with "
+                        "a small proxy learner u' trained on the selected batches, as blade's "
+                        "pair (its reference w' is copied from u' once, then trained on V)")
     g.add_argument("--rho-ref-load",
                    help="take rho's static reference weights from the reference/ saved in this "
                         "checkpoint directory (an iter_XXXXXXX/ of a rho or blade run)")

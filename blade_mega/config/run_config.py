@@ -118,6 +118,8 @@ class SelectionConfig:
     # Sketches (sketch-influence, and the diversity term of any sample-level selector).
     sketch_dim: int
     diversity: float
+    # rho with a small reference: who scores, the learner ("learner") or a proxy u' ("proxy")
+    rho_scorer: str = "learner"
 
     @property
     def token_level(self) -> bool:
@@ -338,10 +340,11 @@ def _selection_section(flags: argparse.Namespace, size: ModelSize) -> SelectionC
                         f"of {', '.join(sorted(PRESETS))}")
     if reference == "auto":
         reference = auto_reference_model(flags, size) if spec.proxy_pair else "same"
-    if reference != "same" and not spec.proxy_pair:
-        proxied = [name for name in _method_names() if _spec(name).proxy_pair]
-        raise UserError(f"--reference-model PRESET (a proxy pair) applies to --selection "
-                        f"{' or '.join(proxied)}")
+    if reference != "same" and not (spec.proxy_pair or spec.small_reference):
+        sized = [name for name in _method_names()
+                 if _spec(name).proxy_pair or _spec(name).small_reference]
+        raise UserError(f"--reference-model PRESET (a small scorer) applies to --selection "
+                        f"{' or '.join(sized)}")
     for flag, value in (("--blade-ref-steps", flags.blade_ref_steps),
                         ("--blade-first-ref-steps", flags.blade_first_ref_steps),
                         ("--rho-ref-steps", flags.rho_ref_steps)):
@@ -368,7 +371,7 @@ def _selection_section(flags: argparse.Namespace, size: ModelSize) -> SelectionC
         proxy=None if reference == "same" else reference,
         reference_offload=flags.reference_offload, rho_ref_steps=flags.rho_ref_steps,
         rho_ref_load=flags.rho_ref_load, sketch_dim=flags.sketch_dim,
-        diversity=flags.selection_diversity)
+        diversity=flags.selection_diversity, rho_scorer=flags.rho_scorer)
 
 
 def _data_section(flags: argparse.Namespace, check_files: bool) -> DataConfig:

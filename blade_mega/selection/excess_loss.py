@@ -302,14 +302,25 @@ class RhoSelector(ExcessLossSelector):
 
     Its budget (``--rho-ref-steps``, by default blade's reference training in model passes) runs
     at the first selecting step, with its own learning-rate warm-up and decay; the reference rule
-    is the resolved config's (one sync, lambda 0: selection/methods.py, ``rho_reference``)."""
+    is the resolved config's (one sync, lambda 0: selection/methods.py, ``rho_reference``).
+
+    The reference is the learner's size and starts as a copy of it, or, with ``--reference-model
+    PRESET``, a small model of that preset: the learner scores against it from the small model's
+    own initialisation (RHO-LOSS's irreducible-loss model), or with ``--rho-scorer proxy`` a
+    small proxy learner u' trained on the selected batches scores, and the reference starts as
+    a copy of u' (blade's proxy pair with rho's rule)."""
 
     def __init__(self, ctx: SelectionContext):
-        reference = Reference(ctx)
-        super().__init__(ctx, reference)
-        if ctx.config.selection.rho_ref_load:
-            reference.load_weights_only(ctx.config.selection.rho_ref_load)
-            reference.copy_on_sync = False
+        selection = ctx.config.selection
+        size = PRESETS[selection.proxy] if selection.proxy else None
+        proxy = ctx.build_engine(size, False) if size and selection.rho_scorer == "proxy" \
+            else None
+        reference = Reference(ctx, size=size)
+        super().__init__(ctx, reference, proxy, size)
+        if selection.rho_ref_load:
+            reference.load_weights_only(selection.rho_ref_load)
+        if selection.rho_ref_load or (size is not None and proxy is None):
+            reference.copy_on_sync = False  # nothing to copy: loaded, or not the scorer's shape
 
 
 class BladeSelector(ExcessLossSelector):

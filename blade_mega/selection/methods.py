@@ -1,4 +1,5 @@
-"""The built-in selection methods: uniform, highloss, rho, blade, sketch-influence.
+"""The built-in selection methods: uniform, random, classifier, highloss, rho, blade,
+sketch-influence.
 
 Each is one ``MethodSpec`` (selection/registry.py); the rules below are the methods' own facts:
 how many candidates a step reads, which engines they build, their defaults and refusals, and
@@ -52,6 +53,18 @@ def with_reference(config: "RunConfig", learner: "ModelSize") -> list[EngineRole
     return roles + [EngineRole("reference", learner, selection.reference_offload)]
 
 
+def rho_engines(config: "RunConfig", learner: "ModelSize") -> list[EngineRole]:
+    """rho: a same-size reference, a small one of a preset that the learner scores against
+    (RHO-LOSS's own), or with ``--rho-scorer proxy`` a proxy pair as blade's."""
+    from blade_mega.engine.model import PRESETS
+
+    selection = config.selection
+    if selection.proxy is None or selection.rho_scorer == "proxy":
+        return with_reference(config, learner)
+    return [EngineRole("learner", learner, False),
+            EngineRole("reference", PRESETS[selection.proxy], selection.reference_offload)]
+
+
 # -- flag rules -----------------------------------------------------------------------------------
 def sketch_dim_checks(config: "RunConfig") -> None:
     from blade_mega.sketch.sketcher import check_sketch_dim
@@ -77,6 +90,19 @@ def blade_checks(config: "RunConfig") -> None:
             "--zero-stage 2 with --selection blade and --blade-lambda > 0: each reference "
             "step runs the V batch and the selected batch (several micro-batches), which "
             "ZeRO-2 cannot accumulate; use --zero-stage 1 or --blade-lambda 0")
+
+
+def rho_checks(config: "RunConfig") -> None:
+    excess_loss_checks(config)
+    if config.selection.rho_scorer == "proxy" and config.selection.proxy is None:
+        raise UserError("--rho-scorer proxy scores with a small proxy pair: give its size with "
+                        "--reference-model PRESET")
+
+
+def classifier_checks(config: "RunConfig") -> None:
+    if config.selection.token_level:
+        raise UserError("--selection classifier scores whole documents; use "
+                        "--selection-granularity sample")
 
 
 def sketch_checks(config: "RunConfig") -> None:
@@ -141,16 +167,22 @@ def sketch_cost(config: "RunConfig") -> float:
 EXCESS = "blade_mega.selection.excess_loss"
 
 UNIFORM = register(MethodSpec("uniform", "blade_mega.selection.uniform:UniformSelector"))
+RANDOM = register(MethodSpec(
+    "random", "blade_mega.selection.random_mask:RandomSelector", candidates=sample_block))
+CLASSIFIER = register(MethodSpec(
+    "classifier", "blade_mega.selection.classifier:ClassifierSelector", candidates=sample_block,
+    check=classifier_checks))
 HIGHLOSS = register(MethodSpec(
     "highloss", f"{EXCESS}:HighLossSelector", candidates=sample_block, check=excess_loss_checks,
     cost=highloss_cost))
 RHO = register(MethodSpec(
-    "rho", f"{EXCESS}:RhoSelector", needs_target=True, candidates=sample_block,
-    engines=with_reference, resolve=rho_reference, check=excess_loss_checks, cost=rho_cost))
+    "rho", f"{EXCESS}:RhoSelector", needs_target=True, small_reference=True,
+    candidates=sample_block, engines=rho_engines, resolve=rho_reference, check=rho_checks,
+    cost=rho_cost))
 BLADE = register(MethodSpec(
     "blade", f"{EXCESS}:BladeSelector", needs_target=True, proxy_pair=True,
     candidates=sample_block, engines=with_reference, check=blade_checks, cost=blade_cost))
 SKETCH_INFLUENCE = register(MethodSpec(
     "sketch-influence", "blade_mega.selection.influence:SketchInfluenceSelector",
     needs_target=True, candidates=sample_block, check=sketch_checks, cost=sketch_cost))
-BUILT_IN = (UNIFORM, HIGHLOSS, RHO, BLADE, SKETCH_INFLUENCE)
+BUILT_IN = (UNIFORM, RANDOM, CLASSIFIER, HIGHLOSS, RHO, BLADE, SKETCH_INFLUENCE)

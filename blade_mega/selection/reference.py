@@ -169,15 +169,20 @@ class Reference:
     @torch.no_grad()
     def divergence(self, learner: ModelEngine) -> float:
         """||u - w|| / ||u|| over the whole model (summed over TP shards and PP stages; weights
-        that every TP rank holds a copy of count once)."""
-        sums = torch.zeros(2, dtype=torch.float64, device=comm_device())
-        for u, w in zip(learner.module.parameters(), self.model.module.parameters()):
-            if not param_is_not_tensor_parallel_duplicate(u):
-                continue
-            sums[0] += (u.detach().double() - w.detach().double()).pow(2).sum()
-            sums[1] += u.detach().double().pow(2).sum()
+        that every TP rank holds a copy of count once); NaN for a reference of another shape
+        (rho's small reference)."""
+        mine, theirs = list(self.model.module.parameters()), list(learner.module.parameters())
+        sums = torch.zeros(3, dtype=torch.float64, device=comm_device())
+        if [p.shape for p in mine] != [p.shape for p in theirs]:
+            sums[2] = 1.0  # every stage takes part in the all-reduce, so all agree on NaN
+        else:
+            for u, w in zip(theirs, mine):
+                if not param_is_not_tensor_parallel_duplicate(u):
+                    continue
+                sums[0] += (u.detach().double() - w.detach().double()).pow(2).sum()
+                sums[1] += u.detach().double().pow(2).sum()
         torch.distributed.all_reduce(sums, group=self.ctx.groups.mp)
-        return float(torch.sqrt(sums[0] / sums[1]))
+        return math.nan if sums[2] > 0 else float(torch.sqrt(sums[0] / sums[1]))
 
     def state_dict(self) -> dict:
         return {"target_consumed": self.target_consumed, "syncs": self.syncs,

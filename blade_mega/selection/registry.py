@@ -56,6 +56,9 @@ class MethodSpec:
     selector: Union[str, Callable]
     needs_target: bool = False   # reads the target set V (--target-data-path)
     proxy_pair: bool = False     # may score with a small proxy pair (--reference-model PRESET)
+    # may score against a small reference of a preset (--reference-model PRESET; 'auto' still
+    # means the same size for it)
+    small_reference: bool = False
     # Candidates one selecting step reads (the sample index is sized by it).
     candidates: Callable[[RunConfig], int] = one_batch
     # Every engine it builds, for the memory plan (--dry-run).
