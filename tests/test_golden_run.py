@@ -159,7 +159,22 @@ def _environment() -> dict:
 
     return {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
             "megatron.core": megatron.core.__version__, "numpy": numpy.__version__,
-            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpu": _cpu_model()}
+
+
+def _cpu_model() -> str:
+    """Two CPUs with the same instruction set can still round differently (seen: the same
+    AVX512 venv, last bits of the losses apart), so the model is part of the environment."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
 
 
 # -- the runs -----------------------------------------------------------------------------------
