@@ -4,11 +4,14 @@ from unittest import mock
 
 import numpy
 import pytest
+import torch
 
 from blade_mega.data.block_sampler import CandidateBlockSampler
 from blade_mega.data.sample_index import DataSpec, SampleIndex, build_sample_indices
 from blade_mega.data.sidecar import Sidecar
 from blade_mega.data.tokenizer import Tokenizer
+from blade_mega.errors import UserError
+from blade_mega.selection.record import SelectionRecord
 
 SEQ = 64
 
@@ -89,3 +92,93 @@ def test_biased_draw_touches_o_of_block_samples(samples):
     touched = sum(len(call.args[1]) for call in looked_up.call_args_list)
     assert touched <= 4 * 64 + 64  # rejection tries, not every sample of the corpus
     assert len(samples) > 50 * touched
+
+
+# -- --redraw-gap and --sidecar-half-life ------------------------------------------------------
+def _pool_mains(samples, ids):
+    """Main documents of the pool's samples among ``ids``."""
+    return numpy.concatenate([documents for part, _, documents in samples.main_documents(ids)
+                              if part == 0])
+
+
+def test_documents_trained_within_the_gap_are_not_drawn_again(samples):
+    record = SelectionRecord(samples, redraw_gap=3)
+    documents = numpy.arange(record.sidecars[0].num_documents)
+    favoured = documents[documents % 10 == 0]  # keep rate 0.9, the rest 0.1: half the draws
+    record.sidecars[0].update(numpy.repeat(documents, 8), numpy.repeat(
+        numpy.isin(documents, favoured).astype(float), 8), numpy.zeros(8 * len(documents)))
+    record.recently_trained.add(10, 0, favoured)  # every favoured document trained at step 10
+    gapped = CandidateBlockSampler(samples, 5, 0.5, record.sidecars, record.recently_trained)
+    free = CandidateBlockSampler(samples, 5, 0.5, record.sidecars)
+
+    def favoured_drawn(sampler, steps):
+        drawn = numpy.concatenate([sampler.block(step, 0, 32).ids[16:] for step in steps])
+        return numpy.isin(_pool_mains(samples, drawn), favoured).sum()
+
+    assert favoured_drawn(free, range(11, 14)) > 10   # without the gap they come right back
+    assert favoured_drawn(gapped, range(11, 14)) == 0  # steps 11..13: trained 1..3 steps ago
+    assert favoured_drawn(gapped, range(14, 17)) > 10  # after the gap they may be drawn again
+    assert favoured_drawn(gapped, [10]) > 0  # a step's own rounds (a dropped attempt) do not count
+    # the in-order share is not filtered: only the reweighted draw
+    assert numpy.array_equal(gapped.block(12, 0, 32).ids[:16], samples.ordered_ids(0, 16))
+
+
+def test_the_record_remembers_trained_documents_for_the_gap_only(samples):
+    record = SelectionRecord(samples, redraw_gap=2)
+    ids = samples.ordered_ids(0, 8)
+    record.begin_step(4)
+    record.selection(ids, numpy.array([1, 0, 0.25, 0, 1, 0, 0, 0.0]), numpy.zeros(8))
+    trained = numpy.unique(_pool_mains(samples, ids[[0, 2, 4]]))  # any kept share trains
+    assert numpy.array_equal(record.recently_trained.documents(0, 5), trained)
+    record.begin_step(5)
+    record.trained_all(ids[5:])  # a warm-up step trains every candidate
+    assert set(record.recently_trained.documents(0, 6).tolist()) == \
+        set(trained.tolist()) | set(_pool_mains(samples, ids[5:]).tolist())
+    assert set(record.recently_trained.documents(0, 7).tolist()) == \
+        set(_pool_mains(samples, ids[5:]).tolist())  # step 4 is 3 steps back: past the gap
+    assert SelectionRecord(samples).recently_trained is None  # no gap, no window
+
+
+def test_a_resumed_sampler_draws_the_blocks_of_an_uninterrupted_one(samples, tmp_path):
+    """Decayed sidecars (rescaled on the way) and the recently trained window saved at step
+    20 and restored (as a checkpoint does: sidecar files, run state as data) draw every later
+    block exactly as a run that never stopped."""
+    def run(record, sampler, steps, consumed=0):
+        blocks = []
+        for step in steps:
+            record.begin_step(step)
+            block = sampler.block(step, consumed, 16)
+            # a selection round that depends on the block: keep the lower half of the ids
+            kept = (block.ids < numpy.median(block.ids)).astype(float)
+            record.selection(block.ids, kept, numpy.sin(block.ids.astype(float)))
+            consumed += block.consumed
+            blocks.append(block.ids)
+        return blocks, consumed
+
+    def parts():
+        record = SelectionRecord(samples, half_life=1, redraw_gap=3)
+        return record, CandidateBlockSampler(samples, 5, 0.5, record.sidecars,
+                                             record.recently_trained)
+
+    record, sampler = parts()
+    uninterrupted, _ = run(record, sampler, range(40))
+    first, first_sampler = parts()
+    _, consumed = run(first, first_sampler, range(20))
+    first.save(str(tmp_path))
+    torch.save(first.recently_trained.state_dict(), tmp_path / "run_state.pt")
+    resumed, resumed_sampler = parts()
+    resumed.load(str(tmp_path))
+    resumed.recently_trained.load_state_dict(torch.load(tmp_path / "run_state.pt",
+                                                        weights_only=True))
+    after, _ = run(resumed, resumed_sampler, range(20, 40), consumed)
+    assert resumed.sidecars[0].reference_step == 32  # rescaled after the resume, like the other
+    for step, (expected, drawn) in enumerate(zip(uninterrupted[20:], after), start=20):
+        assert numpy.array_equal(expected, drawn), step
+    # The window is what carried part of that: without it the draws differ.
+    forgetful, forgetful_sampler = parts()
+    forgetful.load(str(tmp_path))
+    differs, _ = run(forgetful, forgetful_sampler, range(20, 40), consumed)
+    assert any(not numpy.array_equal(a, b) for a, b in zip(uninterrupted[20:], differs))
+    # A run with another half-life cannot read these rows.
+    with pytest.raises(UserError, match="saved with --sidecar-half-life 1, this run has 0"):
+        SelectionRecord(samples).load(str(tmp_path))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from blade_mega.config import parse_config
+from blade_mega.config import RunConfig, parse_config
 from blade_mega.errors import UserError
 from conftest import run_main
 
@@ -156,3 +156,20 @@ def test_reference_model_auto_picks_the_preset_nearest_a_sixteenth_of_the_cost(
     run = parse_config([*base, "--target-data-path", demo_data.target_prefix, "--selection",
                        "blade", "--model-size", learner, *extra])
     assert (run.selection.proxy or "same") == expected
+
+
+@pytest.mark.parametrize("flag", ["--sidecar-half-life", "--redraw-gap"])
+def test_forgetting_flags_default_to_off_and_refuse_negative_steps(base, flag):
+    data = parse_config(base).data
+    assert (data.sidecar_half_life, data.redraw_gap) == (0, 0)  # today's sampler exactly
+    dest = flag[2:].replace("-", "_")
+    assert getattr(parse_config([*base, flag, "7"]).data, dest) == 7
+    with pytest.raises(UserError, match=f"^{flag} -1 must be >= 0 steps"):
+        parse_config([*base, flag, "-1"])
+
+
+def test_a_config_saved_before_the_forgetting_flags_loads_with_them_off(base):
+    saved = parse_config(base).to_dict()
+    del saved["data"]["sidecar_half_life"], saved["data"]["redraw_gap"]
+    data = RunConfig.from_dict(saved).data
+    assert (data.sidecar_half_life, data.redraw_gap) == (0, 0)

@@ -49,7 +49,8 @@ def test_the_online_path_imports_nothing_offline():
         assert not [m for m in _imports(tree) if m.startswith("blade_mega.prepare")], path
 
 
-@pytest.mark.parametrize("field", ["keep_ratio", "sync_interval", "sync_beta"])
+@pytest.mark.parametrize("field", ["keep_ratio", "sync_interval", "sync_beta",
+                                   "sidecar_half_life", "redraw_gap"])
 def test_a_selection_setting_is_read_in_one_place_below_the_config(field):
     reads = [(path, node.lineno) for path, tree in BELOW_CONFIG.items()
              for node in ast.walk(tree)

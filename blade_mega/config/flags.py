@@ -188,6 +188,12 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--reweight-mix", type=float, default=0.5,
                    help="share of each candidate block drawn by the sidecar's keep rates "
                         "(selectors that keep a sidecar; uniform always reads in order)")
+    g.add_argument("--sidecar-half-life", type=int, default=0, metavar="STEPS",
+                   help="the sidecar forgets: a selection round's weight in its counts (and so "
+                        "in the keep rates) halves every STEPS steps (0: counts never forget)")
+    g.add_argument("--redraw-gap", type=int, default=0, metavar="STEPS",
+                   help="the reweighted share draws no sample whose main document was trained "
+                        "in the last STEPS steps (0: off)")
     g.add_argument("--noise-labels", help="meta.jsonl with a 'noise' key per document, to log "
                                           "the share of each noise type kept (demo corpus)")
     g.add_argument("--sketch-dim", type=int, default=64,

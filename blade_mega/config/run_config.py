@@ -61,6 +61,9 @@ class DataConfig:
     seed: int
     reweight_mix: float              # share of a block drawn by the sidecar's keep rates
     noise_labels: Optional[str]
+    # (defaults: configs saved before these fields existed load as before)
+    sidecar_half_life: int = 0       # steps for a selection round's weight to halve; 0: never
+    redraw_gap: int = 0              # steps a trained document is not drawn again; 0: off
 
 
 @dataclass(frozen=True)
@@ -393,6 +396,10 @@ def _data_section(flags: argparse.Namespace, check_files: bool) -> DataConfig:
     if flags.train_data_path is not None and flags.data_path:
         raise UserError("give either --data-path (with --split) or --train-data-path "
                         "(and --valid-data-path), not both")
+    for flag, value, zero in (("--sidecar-half-life", flags.sidecar_half_life, "never forget"),
+                              ("--redraw-gap", flags.redraw_gap, "off")):
+        if value < 0:
+            raise UserError(f"{flag} {value} must be >= 0 steps (0: {zero})")
 
     def words(value):
         return None if value is None else tuple(value)
@@ -403,7 +410,8 @@ def _data_section(flags: argparse.Namespace, check_files: bool) -> DataConfig:
         data_cache_path=flags.data_cache_path, target_data_path=flags.target_data_path,
         test_data_path=flags.test_data_path, seq_length=flags.seq_length,
         micro_batch_size=flags.micro_batch_size, global_batch_size=flags.global_batch_size,
-        seed=flags.seed, reweight_mix=flags.reweight_mix, noise_labels=flags.noise_labels)
+        seed=flags.seed, reweight_mix=flags.reweight_mix, noise_labels=flags.noise_labels,
+        sidecar_half_life=flags.sidecar_half_life, redraw_gap=flags.redraw_gap)
 
 
 def _fields(section, flags: argparse.Namespace) -> dict:

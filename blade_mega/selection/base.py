@@ -185,7 +185,7 @@ class SelectionHook:
         ids = self.local_share(block_ids)
         samples = self.read(ids)
         weights = torch.ones(samples.size(0), samples.size(1) - 1)
-        stats = self.ctx.record.noise_stats(block_ids, np.ones(len(block_ids)))
+        stats = self.ctx.record.trained_all(block_ids)
         return TrainBatch(ids, samples, weights, self.uniform_normaliser(), stats=stats)
 
     def candidate_block(self) -> int:

@@ -1,4 +1,5 @@
-"""Per-selection bookkeeping: the sidecars, the kept and noise statistics of each round.
+"""Per-selection bookkeeping: the sidecars, the recently trained documents, the kept and noise
+statistics of each round.
 
 One ``SelectionRecord`` per run, shared by every scoring selector; it needs only a sample index
 (for each sample's main document) and the noise labels, so it is testable without engines.
@@ -13,6 +14,7 @@ from typing import Optional
 import numpy as np
 
 from blade_mega import distributed
+from blade_mega.data.recently_trained import RecentlyTrained
 from blade_mega.data.sample_index import SampleIndex
 from blade_mega.data.sidecar import Sidecar, path_in
 from blade_mega.errors import UserError
@@ -48,27 +50,51 @@ def load_noise_labels(path: Optional[str], windows: SampleIndex
 
 
 class SelectionRecord:
-    """The sidecars (one per dataset of the blend) and the statistics of each selection round.
+    """The sidecars (one per dataset of the blend), the documents trained in the last
+    ``redraw_gap`` steps (``recently_trained``, None without a gap) and the statistics of each
+    selection round.
 
     ``samples`` needs ``main_documents(ids)`` (and ``num_documents``/``prefixes`` for the
-    sidecar files); ``noise_labels`` are per document of dataset 0, or None.
+    sidecar files); ``noise_labels`` are per document of dataset 0, or None; ``half_life`` is
+    the sidecars' (0: counts never forget).
+
+    Rounds are stamped with ``step``, the loop's current step, which the trainer sets before
+    each step (``begin_step``), so hooks report rounds without passing it.
     """
 
     def __init__(self, samples: SampleIndex, noise_labels: Optional[np.ndarray] = None,
-                 noise_names: tuple[str, ...] = ()):
+                 noise_names: tuple[str, ...] = (), half_life: int = 0, redraw_gap: int = 0):
         self.samples = samples
-        self.sidecars = [Sidecar(samples.num_documents(part))
+        self.half_life = half_life
+        self.sidecars = [Sidecar(samples.num_documents(part), half_life)
                          for part in range(len(samples.datasets))]
+        self.recently_trained = RecentlyTrained(redraw_gap, len(samples.datasets)) \
+            if redraw_gap else None
         self.noise_labels = noise_labels
         self.noise_names = noise_names
+        self.step = 0
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
 
     def selection(self, ids: np.ndarray, kept: np.ndarray, scores: np.ndarray) -> dict:
         """One round over candidates ``ids`` (global, the same on every rank): ``kept`` is each
         one's kept share (0/1 per sample, a fraction under token masks), ``scores`` its score
-        (non-finite: unscored). Adds the round to the sidecars; returns the step's stats."""
+        (non-finite: unscored). Adds the round to the sidecars, and the documents with any kept
+        share to the recently trained; returns the step's stats."""
         for part, where, documents in self.samples.main_documents(ids):
-            self.sidecars[part].update(documents, kept[where], scores[where])
+            self.sidecars[part].update(documents, kept[where], scores[where], self.step)
+            if self.recently_trained is not None:
+                self.recently_trained.add(self.step, part, documents[kept[where] > 0])
         return {"kept_fraction": float(kept.mean()), **self.noise_stats(ids, kept)}
+
+    def trained_all(self, ids: np.ndarray) -> dict:
+        """A step that trains on every candidate and scores none (warm-up, uniform): nothing for
+        the sidecars, every main document for the recently trained; returns the noise stats."""
+        if self.recently_trained is not None:
+            for part, _, documents in self.samples.main_documents(ids):
+                self.recently_trained.add(self.step, part, documents)
+        return self.noise_stats(ids, np.ones(len(ids)))
 
     @staticmethod
     def score_means(scores: np.ndarray, kept: np.ndarray, score_name: str) -> dict:
@@ -137,4 +163,11 @@ class SelectionRecord:
             if not os.path.isfile(path):
                 raise UserError(f"{path}: the checkpoint has no sidecar for {prefix}; resume with "
                                 "the --data-path and --selection it was trained with")
-            self.sidecars[part] = Sidecar.load(path, self.samples.num_documents(part), prefix)
+            sidecar = Sidecar.load(path, self.samples.num_documents(part), prefix)
+            if sidecar.half_life != self.half_life:
+                # Rows weighted by one half-life cannot be re-weighted by another: the rounds'
+                # steps are not kept.
+                raise UserError(f"{path}: the sidecar was saved with --sidecar-half-life "
+                                f"{sidecar.half_life}, this run has {self.half_life}; resume "
+                                "with the half-life it was trained with")
+            self.sidecars[part] = sidecar

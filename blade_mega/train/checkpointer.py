@@ -7,7 +7,8 @@ under its name in every rank's run state file: the hook, the FLOP counter) and/o
 checkpoint directory: the hook's engines, the sidecars). The learner's DeepSpeed files and the
 run position (iteration, consumed samples, bad steps, at the run state's top level) are the
 checkpoint's own. The block sampler has no state: a block is a function of (seed, step,
-consumed samples, sidecars).
+consumed samples, sidecars and, with --redraw-gap, the recently trained documents, a part of
+its own).
 """
 
 from __future__ import annotations

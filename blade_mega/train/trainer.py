@@ -4,7 +4,8 @@
 ``Checkpointer``) and selection in the hook (selection/base.py). Ownership: the trainer owns the
 learner and every engine it builds (closed by ``close``), the prefetcher that reads the next
 block ahead (plugged into the training stream here), the run position, and the
-``SelectionRecord`` whose sidecars the block sampler reads and the checkpointer saves.
+``SelectionRecord`` whose sidecars (and recently trained documents) the block sampler reads and
+the checkpointer saves.
 """
 
 from __future__ import annotations
@@ -108,7 +109,9 @@ class Trainer:
             is_last_stage=parallel_state.is_pipeline_last_stage(),
             pp_size=parallel_state.get_pipeline_model_parallel_world_size())
         record = SelectionRecord(self.train_data,
-                                 *load_noise_labels(data.noise_labels, self.train_data))
+                                 *load_noise_labels(data.noise_labels, self.train_data),
+                                 half_life=data.sidecar_half_life, redraw_gap=data.redraw_gap)
+        self.record = record
         # Analytic FLOPs by role (train/flops.py), over the padded vocab the model computes.
         self.flops = FlopCounter(padded_vocab_size(self.vocab, layout.tp,
                                                    config.model.make_vocab_size_divisible_by),
@@ -118,8 +121,11 @@ class Trainer:
                                build_engine=self.build_engine, learner_size=self.size,
                                record=record, flops=self.flops)
         self.hook = config.method_spec.build(ctx)
-        self.sampler = CandidateBlockSampler(self.train_data, data.seed, data.reweight_mix,
-                                             record.sidecars if self.hook.keeps_sidecar else None)
+        keeps_sidecar = self.hook.keeps_sidecar
+        self.sampler = CandidateBlockSampler(
+            self.train_data, data.seed, data.reweight_mix,
+            record.sidecars if keeps_sidecar else None,
+            record.recently_trained if keeps_sidecar else None)
         log = config.log
         self.log = MetricsLog(log.log_file or (os.path.join(config.checkpoint.save, "log.jsonl")
                                                if config.checkpoint.save else None),
@@ -137,8 +143,10 @@ class Trainer:
                                          trained_as, self.log, self.trust_checkpoint)
         self.checkpointer.register("hook", self.hook)
         self.checkpointer.register("flops", self.flops)
-        if self.hook.keeps_sidecar:
+        if keeps_sidecar:
             self.checkpointer.register("sidecars", record)
+            if record.recently_trained is not None:  # without --redraw-gap: no run state key
+                self.checkpointer.register("recently_trained", record.recently_trained)
 
     def build_engine(self, size, offload: bool):
         from blade_mega.engine import ds_config
@@ -165,6 +173,7 @@ class Trainer:
         while position.iteration < iters:
             step = position.iteration
             started = time.perf_counter()
+            self.record.begin_step(step)
             block = self.sampler.block(step, position.consumed, self.hook.block_size(step))
             self.read_ahead(step, block)
             batch = self.hook.select(step, block.ids)
