@@ -1,62 +1,100 @@
-"""Selection quality: does each method make the model better per training step on the target?
+"""Selection quality: does each method make the model better on the target, per step and per FLOP?
 
-Demo corpus (stdlib code, half the pool labelled noise), the same model, steps and seeds for
-every method; the measure is the loss on the held-out *test* split of the target distribution
-(never trained or selected on).  Reports, per method: final test loss for every seed (windows
-of the shuffled test split, as the training loop logs it), bits per byte of the final model on
-the whole test documents (``tools/evaluate.py``: document order, tokenizer-independent), the
-share of steps it needs to reach uniform's final test loss, and the share of trained samples
-that were noise.
+Demo corpus (stdlib code, half the pool labelled noise), the same model, steps, evaluations and
+seeds for every method. The test figure is ``test_bpb``: bits per byte of the learner on the
+whole held-out *test* documents of the target distribution (never trained or selected on),
+measured in the training loop at every evaluation (train/evaluator.py, the same figure as
+``tools/evaluate.py`` on the checkpoint), so each run has a curve over steps, over FLOPs (all
+roles: blade_mega/train/flops.py) and over training wall seconds (``wall_s``: step time only,
+evaluations excluded). The final figure is the last evaluation's; ``test_loss`` (fixed windows
+of the test split) is kept beside it.
 
-    python bench/selection_quality.py                      # defaults: 3 seeds, 5 methods
-    python bench/selection_quality.py --seeds 0 --train-iters 100 --methods uniform,blade
+    python bench/selection_quality.py                      # defaults: 5 seeds, 8 methods
+    python bench/selection_quality.py --seeds 0 --train-iters 20 --methods uniform,blade \
+        --results /tmp/smoke.json                           # a smoke run: not a results file
     python bench/selection_quality.py --regime domain-shift --methods uniform,rho,blade \
-        --variant v1="--selection blade --blade-ref-steps 8 --blade-lambda 0.5 --blade-sync-beta 1"
+        --variant v1="--selection blade --blade-ref-steps 8 --blade-lambda 0.5" --tag v1
 
 Regimes: ``scratch`` (random init on the noisy pool), ``continued`` (from a model trained
 uniformly on that pool), ``domain-shift`` (from a base model trained on the stdlib's top-level
 modules, continued on a pool where the target domain, GUI code: idlelib/tkinter/turtledemo, is
 a minority among other packages and noise; "noise share" is then the off-target share).
 
-Beside steps, every method reports the *compute* it needs to reach uniform's final test loss:
-analytic FLOPs of all roles (blade_mega/train/flops.py: learner, scoring, reference/proxy, sketches)
-at that point over uniform's total, and the wall-time version (share of steps x median step
-time over uniform's).  Settings are to be chosen on ``selection_loss`` (domain-shift: a separate
-target-domain split; other regimes: V), never on the test loss.
+Rows beside the selectors: ``oracle`` (uniform training on only the pool's target share: its
+clean documents, or in domain-shift its target-domain ones) bounds what selection can reach;
+``target-mix`` (uniform training on the pool with the target set V mixed in at
+``--target-mix-share``) is what V buys without a selector; ``blade-paper`` is the paper's
+setting (its METHODS entry says what that takes).
 
-The last line is one JSON object with the figures and the goals:
-blade below uniform and rho on test loss for every seed; blade reaches uniform's final test loss
-with <= 0.75x uniform's compute; blade trains on < 1/3 of the noise uniform trains on.
+Per method and seed the summary has: final test_bpb, selection-split loss (domain-shift: a
+separate target-domain split; other regimes: V), noise share, total FLOPs, the steps / compute /
+wall time to reach uniform's final test_bpb (over uniform's), the test_bpb at uniform's total
+compute; and the paired difference over seeds (mean and 95% t interval) to uniform and to the
+best baseline (the non-blade row with the lowest mean selection-split loss: chosen on the
+selection split, never on test), at equal steps and at equal compute; with ``oracle`` run, the
+share of the uniform -> oracle gap each method closes (bench/quality/).
+
+The summary, the exact command, the commit and the per-seed curves go to ``--results``
+(bench/results/README.md); ``bench/results_tables.py`` makes the README's tables from those
+files. The last line printed is one JSON object: the goals (blade beats every baseline at equal
+compute; blade reaches uniform's final test_bpb with <= 0.70x its compute; blade closes >= 0.8
+of the oracle gap; ...) and the figures beside them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import datetime
+import io
 import json
 import os
-import shutil
+import shlex
 import subprocess
 import sys
 import time
-
-import numpy as np
+from typing import Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from bench.quality.summary import as_json, goals, method_role, run_figures, summarise  # noqa: E402
 from blade_mega.testing import pretrain_rank, run_distributed  # noqa: E402
 
 # Every method runs with the flag defaults (sample level, keep 1/2 of a 2x block, T = 20,
 # K = 16, lambda = 0, beta = 0.25, --reweight-mix 0.5: the defaults the sweeps in docs/method.md
 # chose), so "blade" and "rho" here are what `--selection blade|rho` alone gives; rho's default
-# budget is blade's reference training in model passes. Variants add their own flags.
+# budget is blade's reference training in model passes. Variants add their own flags. A value
+# in braces is a bench flag's (``--document-scores``).
 METHODS = {
     "uniform": [],
     "highloss": ["--selection", "highloss"],
     "rho": ["--selection", "rho"],
     "blade": ["--selection", "blade"],
+    # The paper's setting: token level, keep 0.6, lambda 0.5, T = 20, K = 6 (K/T = 0.3); its
+    # full re-sync w <- u at every sync (beta = 1), a reference of the learner's own size, and
+    # candidate blocks drawn at random (the memoryless Frank-Wolfe step: no sidecar bias).
+    "blade-paper": ["--selection", "blade", "--selection-granularity", "token",
+                    "--keep-ratio", "0.6", "--blade-lambda", "0.5",
+                    "--blade-sync-interval", "20", "--blade-ref-steps", "6",
+                    "--blade-sync-beta", "1", "--reference-model", "same",
+                    "--reweight-mix", "0"],
     "sketch-influence": ["--selection", "sketch-influence"],  # default --sketch-dim 64
+    # Uniform training on other data than the pool (TRAINING_DATA).
+    "oracle": [],
+    "target-mix": [],
+    # Methods that builds may lack: a run skips them, saying why (``unavailable``).
+    "random": ["--selection", "random"],
+    "rho-small": ["--selection", "rho", "--reference-model", "tiny"],
+    "rho-proxy": ["--selection", "rho", "--reference-model", "tiny", "--rho-scorer", "proxy"],
+    "classifier": ["--selection", "classifier", "--document-scores", "{document_scores}"],
 }
+DEFAULT_METHODS = "uniform,highloss,rho,blade,blade-paper,sketch-influence,oracle,target-mix"
+# What a method trains on, when it is not the pool.
+TRAINING_DATA = {"oracle": "oracle", "target-mix": "target-mix"}
+# The protocol fixes these for every row: a variant or --method-flags may not change them.
+PROTOCOL_FLAGS = ("--train-iters", "--eval-interval", "--eval-iters", "--seed",
+                  "--test-data-path", "--target-data-path")
 
 
 def build_data(directory: str, size_mb: float, vocab: int) -> dict:
@@ -70,7 +108,7 @@ def build_data(directory: str, size_mb: float, vocab: int) -> dict:
         paths[split] = dataset_prefix(os.path.join(directory, split), "text")
     paths["labels"] = meta_path(paths["pool"])
     if all(os.path.exists(p + ".idx") for p in (paths["pool"], paths["target"], paths["test"])):
-        return paths
+        return add_oracle(directory, paths, "clean")
     os.makedirs(directory, exist_ok=True)
     splits, labels = build_demo_corpus(size_mb=size_mb, noise_rate=0.5, seed=0)
     corpus = os.path.join(directory, "corpus")
@@ -81,7 +119,7 @@ def build_data(directory: str, size_mb: float, vocab: int) -> dict:
         preprocess([os.path.join(corpus, f"{split}.jsonl")], os.path.join(directory, split),
                    paths["tokenizer"], append_eod=True, meta_keys=("id", "noise"),
                    show_progress=False)
-    return paths
+    return add_oracle(directory, paths, "clean")
 
 
 GUI_PACKAGES = ("idlelib", "tkinter", "turtledemo")  # the domain-shift regime's target domain
@@ -90,8 +128,9 @@ GUI_PACKAGES = ("idlelib", "tkinter", "turtledemo")  # the domain-shift regime's
 def build_domain_shift_data(directory: str, size_mb: float, vocab: int, noise_rate: float = 0.3
                             ) -> dict:
     """base (top-level modules), pool (GUI minority + other packages + labelled noise), target
-    V, a selection split and test (GUI modules, disjoint), as indexed datasets.  Pool documents
-    are labelled ``target``, ``off-domain`` or their noise type (``--noise-labels``)."""
+    V, a selection split and test (GUI modules, disjoint), and the oracle's data (the pool's
+    target-domain documents), as indexed datasets.  Pool documents are labelled ``target``,
+    ``off-domain`` or their noise type (``--noise-labels``)."""
     import random
 
     from blade_mega.prepare.demo_corpus import (MIN_HELD_OUT_BYTES, NoiseMaker, _documents_of,
@@ -107,7 +146,7 @@ def build_domain_shift_data(directory: str, size_mb: float, vocab: int, noise_ra
         paths[split] = dataset_prefix(os.path.join(directory, split), "text")
     paths["labels"] = meta_path(paths["pool"])
     if all(os.path.exists(paths[split] + ".idx") for split in splits):
-        return paths
+        return add_oracle(directory, paths, "target")
     rng = random.Random(0)
     modules = stdlib_modules(stdlib_root())
     rng.shuffle(modules)
@@ -154,14 +193,36 @@ def build_domain_shift_data(directory: str, size_mb: float, vocab: int, noise_ra
         preprocess([os.path.join(corpus, f"{split}.jsonl")], os.path.join(directory, split),
                    paths["tokenizer"], append_eod=True, meta_keys=("id", "noise"),
                    show_progress=False)
+    return add_oracle(directory, paths, "target")
+def add_oracle(directory: str, paths: dict, label: str) -> dict:
+    """``paths["oracle"]``: the pool's documents labelled ``label`` (its target share), as an
+    indexed dataset of their own (the same texts, the same tokenizer), with its labels file."""
+    from blade_mega.prepare.preprocess import dataset_prefix, meta_path, preprocess
+
+    paths["oracle"] = dataset_prefix(os.path.join(directory, "oracle"), "text")
+    paths["oracle_labels"] = meta_path(paths["oracle"])
+    if os.path.exists(paths["oracle"] + ".idx"):
+        return paths
+    corpus = os.path.join(directory, "corpus")
+    source = os.path.join(corpus, "oracle.jsonl")
+    with open(os.path.join(corpus, "pool.jsonl")) as pool, open(source, "w") as out:
+        out.writelines(line for line in pool if json.loads(line).get("noise") == label)
+    preprocess([source], os.path.join(directory, "oracle"), paths["tokenizer"], append_eod=True,
+               meta_keys=("id", "noise"), show_progress=False)
     return paths
 
 
 def method_flags(method: str, args) -> list[str]:
-    """A method's flags: one of METHODS, or a --variant NAME="flags" (its own --selection)."""
-    if method in args.variants:
-        return args.variants[method]
-    return METHODS[method]
+    """A method's flags: one of METHODS, or a --variant NAME="flags" (its own --selection),
+    with bench flags' values filled in (None where the flag was not given)."""
+    flags = args.variants[method] if method in args.variants else METHODS[method]
+    values = {"document_scores": args.document_scores}
+    return [values.get(flag[1:-1]) if flag.startswith("{") and flag.endswith("}") else flag
+            for flag in flags]
+
+
+def selection_of(flags: list[str]) -> Optional[str]:
+    return flags[flags.index("--selection") + 1] if "--selection" in flags[:-1] else None
 
 
 def learner_flags(args, iters: int) -> list[str]:
@@ -172,76 +233,86 @@ def learner_flags(args, iters: int) -> list[str]:
             "--lr", str(args.lr), "--min-lr", str(args.lr / 10), "--lr-warmup-iters", "20"]
 
 
-def run_method(paths: dict, method: str, seed: int, args, workdir: str,
-               base: str | None = None) -> dict:
-    log = os.path.join(workdir, f"{args.regime}_{method}_seed{seed}.jsonl")
-    bpb_file = log[:-len(".jsonl")] + ".test_bpb.json"
-    if args.reuse and os.path.exists(log):
-        records = [json.loads(line) for line in open(log)]
-        if any(r["kind"] == "eval" and r["iteration"] == args.train_iters for r in records):
-            bpb = json.load(open(bpb_file)) if os.path.exists(bpb_file) else {}
-            return dict(summarise(records, float("nan"), selection_key(paths)), **bpb)
-    for stale in (log, bpb_file):
-        if os.path.exists(stale):
-            os.remove(stale)
-    save = os.path.join(workdir, f"ckpt_{args.regime}_{method}_seed{seed}")
+def training_data(paths: dict, method: str, args) -> tuple[list[str], str]:
+    """The training blend's words (Megatron's "W1 prefix1 W2 prefix2") and the labels file of
+    its dataset 0 (what --noise-labels labels)."""
+    data = TRAINING_DATA.get(method, "pool")
+    if data == "oracle":
+        return [paths["oracle"]], paths["oracle_labels"]
+    if data == "target-mix":  # V is unlabelled in the blend: it counts as on target
+        share = args.target_mix_share
+        return [f"{1 - share:g}", paths["pool"], f"{share:g}", paths["target"]], paths["labels"]
+    return [paths["pool"]], paths["labels"]
+
+
+def run_argv(paths: dict, method: str, seed: int, args, log: str,
+             base: Optional[str] = None) -> list[str]:
+    blend, labels = training_data(paths, method, args)
     # The selection split: domain-shift has its own (held-out target-domain documents, as the
     # valid set); the other regimes choose on V's loss.
-    data = (["--train-data-path", paths["pool"], "--valid-data-path", paths["select"]]
-            if "select" in paths else ["--data-path", paths["pool"], "--split", "100,1"])
+    data = (["--train-data-path", *blend, "--valid-data-path", paths["select"]]
+            if "select" in paths else ["--data-path", *blend, "--split", "100,1"])
+    flags = method_flags(method, args)
     argv = ["--tokenizer-model", paths["tokenizer"], *data,
             "--target-data-path", paths["target"], "--test-data-path", paths["test"],
-            "--noise-labels", paths["labels"], *learner_flags(args, args.train_iters),
+            "--noise-labels", labels, *learner_flags(args, args.train_iters),
             "--eval-interval", str(args.eval_interval), "--eval-iters", str(args.eval_iters),
             "--log-interval", "10", "--seed", str(seed), "--no-progress", "--log-file", log,
-            "--save", save, "--keep-checkpoints", "1", *method_flags(method, args)]
-    if method != "uniform":
+            *flags]
+    if selection_of(flags) not in (None, "uniform"):
         # A variant's own flags come last, so they win over --method-flags.
         argv += args.method_flags + args.variants.get(method, [])
     if base:  # continued pretraining: start from the base model's weights, fresh schedule
         argv += ["--load", base, "--finetune"]
+    return argv
+
+
+def unavailable(method: str, argv: list[str], flags: list[str]) -> Optional[str]:
+    """Why this build cannot run ``method`` (None if it can): its --selection is not
+    registered, a bench flag it needs was not given, or the run's flags are refused."""
+    from blade_mega.config import parse_config
+    from blade_mega.errors import UserError
+    from blade_mega.selection.registry import method_names
+
+    selection = selection_of(flags)
+    if selection is not None and selection not in method_names():
+        return (f"--selection {selection} is not registered in this build (registered: "
+                f"{', '.join(method_names())})")
+    if None in flags:
+        return ("needs --document-scores FILE (per-document scores, written by "
+                "the score_documents tool, where the build has it)")
+    refused = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(refused):
+            parse_config(argv)
+    except UserError as err:
+        return str(err)
+    except SystemExit:  # argparse said why on stderr
+        lines = refused.getvalue().strip().splitlines()
+        return lines[-1] if lines else "its flags are refused"
+    return None
+
+
+def run_method(paths: dict, method: str, seed: int, args, base: Optional[str] = None) -> dict:
+    """One run's figures (``run_figures``) and its wall seconds, start-up and evaluations
+    included (None for a reused log)."""
+    log = os.path.join(args.workdir, f"{args.regime}_{method}_seed{seed}.jsonl")
+    key = selection_key(paths)
+    if args.reuse and os.path.exists(log):
+        records = [json.loads(line) for line in open(log)]
+        if any(r["kind"] == "eval" and r["iteration"] == args.train_iters for r in records):
+            return dict(run_figures(records, key), seconds=None)
+    if os.path.exists(log):  # the log is appended to: a stale one would mix two runs
+        os.remove(log)
+    argv = run_argv(paths, method, seed, args, log, base)
     started = time.perf_counter()
     # A long run (demo size, thousands of steps) outlasts run_distributed's 10-minute default.
     records = run_distributed(pretrain_rank, 1, argv, timeout=args.run_timeout)[0]
-    seconds = time.perf_counter() - started
-    bpb = test_bits_per_byte(save, paths)
-    with open(bpb_file, "w") as f:
-        json.dump(bpb, f)
-    shutil.rmtree(save, ignore_errors=True)
-    return dict(summarise(records, seconds, selection_key(paths)), **bpb)
-
-
-def test_bits_per_byte(save: str, paths: dict) -> dict:
-    """The final model on the whole test documents (tools/evaluate.py: in document order, no
-    shuffle): loss and bits per byte, the tokenizer-independent figure users compare."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "tools",
-                                                       "evaluate.py"),
-                          "--load", save, "--data-path", paths["test"], "--no-progress"],
-                         env=env, check=True, capture_output=True, text=True).stdout
-    figures = json.loads(out.strip().splitlines()[-1])["datasets"][paths["test"]]
-    return {"test_bpb": figures["bits_per_byte"], "test_doc_loss": figures["loss"]}
+    return dict(run_figures(records, key), seconds=time.perf_counter() - started)
 
 
 def selection_key(paths: dict) -> str:
     return "valid_loss" if "select" in paths else "target_loss"
-
-
-def summarise(records: list[dict], seconds: float, selection_key: str = "target_loss") -> dict:
-    evals = [r for r in records if r["kind"] == "eval"]
-    train = [r for r in records if r["kind"] == "train"]
-    shares = [r["trained_share"] for r in train if "trained_share" in r]
-    # Off-target share: everything but clean (demo) or target-domain (domain-shift) text.
-    noise_share = (float(np.mean([1.0 - s.get("clean", 0.0) - s.get("target", 0.0)
-                                  for s in shares])) if shares else None)
-    last = evals[-1]
-    return {"curve": [(r["iteration"], r["test_loss"]) for r in evals],
-            "flops_curve": [(r.get("flops"), r["test_loss"]) for r in evals],
-            "final": last["test_loss"], "noise_share": noise_share, "seconds": seconds,
-            # choose settings on this, never on the test loss
-            "selection_loss": last.get(selection_key),
-            "flops": train[-1].get("flops") if train else None,
-            "median_step_time": float(np.median([r["step_time"] for r in train[1:] or train]))}
 
 
 def train_base(paths: dict, seed: int, args, workdir: str) -> str:
@@ -252,45 +323,43 @@ def train_base(paths: dict, seed: int, args, workdir: str) -> str:
         return save
     argv = ["--tokenizer-model", paths["tokenizer"], "--data-path", paths.get("base",
                                                                               paths["pool"]),
-            *learner_flags(args, args.base_iters), "--eval-interval", "0", "--log-interval", "50", "--seed", str(1000 + seed),
-            "--no-progress", "--split", "100,1", "--save", save]
+            *learner_flags(args, args.base_iters), "--eval-interval", "0", "--log-interval", "50",
+            "--seed", str(1000 + seed), "--no-progress", "--split", "100,1", "--save", save]
     run_distributed(pretrain_rank, 1, argv, timeout=args.run_timeout)
     return save
 
 
-def steps_to_reach(curve, level: float, total: int) -> float:
-    for iteration, loss in curve:
-        if loss <= level:
-            return iteration / total
-    return float("inf")
+def provenance() -> dict:
+    """The exact command, the commit it ran at (``dirty``: tracked files differed from it)
+    and when."""
+    repo = os.path.dirname(HERE)
+
+    def git(*argv: str) -> str:
+        try:
+            return subprocess.run(["git", *argv], cwd=repo, capture_output=True, text=True,
+                                  timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"argv": sys.argv, "command": shlex.join(["python", *sys.argv]),
+            "commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def compute_to_reach(flops_curve, level: float, total_flops: float) -> float | None:
-    """Analytic FLOPs (all roles) at the first evaluation at or below ``level``, over
-    ``total_flops`` (uniform's whole run); inf if never, None if the log has no FLOPs."""
-    if not total_flops or any(flops is None for flops, _ in flops_curve):
-        return None
-    for flops, loss in flops_curve:
-        if loss <= level:
-            return flops / total_flops
-    return float("inf")
+def default_results(args) -> str:
+    return os.path.join(HERE, "results", f"selection_quality_{args.regime}_{args.tag}.json")
 
 
-def loss_at_compute(flops_curve, budget: float) -> float | None:
-    """Test loss of the last evaluation within ``budget`` FLOPs (all roles): the model the same
-    compute buys; None if the log has no FLOPs or no evaluation fits the budget."""
-    if not budget or any(flops is None for flops, _ in flops_curve):
-        return None
-    within = [loss for flops, loss in flops_curve if flops <= budget * (1 + 1e-9)]
-    return within[-1] if within else None
-
-
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", default="uniform,highloss,rho,blade,sketch-influence")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    p.add_argument("--methods", default=DEFAULT_METHODS,
+                   help=f"comma-separated, of: {', '.join(METHODS)} (default: {DEFAULT_METHODS})")
     p.add_argument("--train-iters", type=int, default=300)
-    p.add_argument("--eval-interval", type=int, default=25)
+    p.add_argument("--eval-interval", type=int, default=25,
+                   help="steps between evaluations, the same for every row (the crossings "
+                        "round up to it)")
     p.add_argument("--eval-iters", type=int, default=8)
     p.add_argument("--model-size", default="tiny")
     p.add_argument("--model-flags", default="", metavar='"FLAGS"',
@@ -315,20 +384,57 @@ def main() -> None:
     p.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
                    help="an extra method: a name and its pretrain flags (with --selection), "
                         "run after --methods with the shared selection flags; repeatable")
+    p.add_argument("--target-mix-share", type=float, default=0.1,
+                   help="target-mix: the share of V in its training blend")
+    p.add_argument("--document-scores", metavar="FILE",
+                   help="classifier: the per-document scores (written by the score_documents "
+                        "tool; the method is skipped without them)")
     p.add_argument("--base-iters", type=int, default=300)
     p.add_argument("--run-timeout", type=float, default=7200,
                    help="seconds one training run may take before it counts as hung")
     p.add_argument("--reuse", action="store_true",
                    help="reuse finished runs' logs in --workdir (same settings assumed)")
+    p.add_argument("--tag", default=None,
+                   help="names the results file (default: <model-size>_<train-iters>, with "
+                        "_custom after it when --model-flags, --method-flags or a --variant is "
+                        "given); give one for any other setting of your own")
+    p.add_argument("--results", metavar="FILE",
+                   help="where the summary goes (default: "
+                        "bench/results/selection_quality_<regime>_<tag>.json); smoke runs "
+                        "belong in a temporary directory")
     p.add_argument("--method-flags", nargs=argparse.REMAINDER, default=[],
                    help="extra pretrain flags for every selecting method (last on the line)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.variants = {}
     for variant in args.variant:
         name, _, flags = variant.partition("=")
         if not name or "--selection" not in flags:
             p.error(f'--variant {variant}: expected NAME="--selection METHOD ..."')
         args.variants[name] = flags.split()
+    for where, flags in [("--method-flags", args.method_flags),
+                         *((f"--variant {n}", f) for n, f in args.variants.items())]:
+        fixed = [flag for flag in flags if flag.split("=")[0] in PROTOCOL_FLAGS]
+        if fixed:
+            p.error(f"{where}: {fixed[0]} is the protocol's, the same for every row; set the "
+                    "bench's own flag")
+    args.method_list = args.methods.split(",") + list(args.variants)
+    unknown = [m for m in args.method_list if m not in METHODS and m not in args.variants]
+    if unknown:
+        p.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if not 0 < args.target_mix_share < 1:
+        p.error("--target-mix-share must be in (0, 1)")
+    # a run with its own learner shape or method flags must not overwrite the defaults' file
+    custom = args.model_flags or args.method_flags or args.variants
+    args.tag = args.tag or f"{args.model_size}_{args.train_iters}" + ("_custom" if custom else "")
+    args.results = args.results or default_results(args)
+    return args
+
+
+def main() -> None:
+    from bench.results_tables import regime_table
+    from blade_mega.atomic import write_atomic
+
+    args = parse_args()
     if args.regime == "domain-shift":
         args.size_mb = args.size_mb or 2.0
         paths = build_domain_shift_data(
@@ -337,70 +443,54 @@ def main() -> None:
     else:
         args.size_mb = args.size_mb or 4.0
         paths = build_data(os.path.join(args.workdir, "data"), args.size_mb, args.vocab)
-    methods = args.methods.split(",") + list(args.variants)
-    results: dict = {m: {} for m in methods}
+    skipped = {}
+    for method in args.method_list:
+        probe = os.path.join(args.workdir, "probe.jsonl")
+        reason = unavailable(method, run_argv(paths, method, args.seeds[0], args, probe),
+                             method_flags(method, args))
+        if reason:
+            skipped[method] = reason
+            print(f"selection_quality: skipping {method}: {reason}", file=sys.stderr, flush=True)
+    methods = [m for m in args.method_list if m not in skipped]
+    if "uniform" not in methods:
+        print("selection_quality: without uniform there are no crossings, budgets or paired "
+              "differences", file=sys.stderr)
+
+    runs: dict = {m: [] for m in methods}
     for seed in args.seeds:
         base = (train_base(paths, seed, args, args.workdir) if args.regime != "scratch"
                 else None)
         for method in methods:
-            results[method][seed] = run_method(paths, method, seed, args, args.workdir, base)
-            r = results[method][seed]
-            print(f"seed {seed} {method:16s} test loss {r['final']:.4f}  "
-                  f"bpb {r.get('test_bpb', float('nan')):.4f}  selection loss "
-                  f"{r['selection_loss'] if r['selection_loss'] is not None else float('nan'):.4f}"
-                  "  noise share "
-                  f"{r['noise_share'] if r['noise_share'] is not None else float('nan'):.3f}  "
-                  f"{r['seconds']:.0f}s", flush=True)
+            r = run_method(paths, method, seed, args, base)
+            runs[method].append(r)
+            print(f"seed {seed} {method:16s} test bpb {number(r['test_bpb'], 4)}  test loss "
+                  f"{number(r['test_loss'], 4)}  selection loss {number(r['selection_loss'], 4)}"
+                  f"  noise share {number(r['noise_share'], 3)}  "
+                  f"{number(r['seconds'], 0)}s", flush=True)
 
-    summary = {"settings": {k: v for k, v in vars(args).items() if k != "workdir"}}
-    for method in methods:
-        runs = [results[method][s] for s in args.seeds]
-        finals = [r["final"] for r in runs]
-        summary[method] = {"test_loss": finals, "mean_test_loss": float(np.mean(finals)),
-                           "selection_loss": [r["selection_loss"] for r in runs],
-                           "noise_share": [r["noise_share"] for r in runs],
-                           # whole test documents (tools/evaluate.py), tokenizer-independent
-                           "test_bpb": [r.get("test_bpb") for r in runs],
-                           "total_flops": [(r["flops"] or {}).get("total") for r in runs],
-                           "median_step_time": [r["median_step_time"] for r in runs],
-                           "seconds": [round(r["seconds"], 1) for r in runs]}
-    if "uniform" in methods:
-        for method in methods:
-            steps, compute, time_ratio, matched = [], [], [], []
-            for s in args.seeds:
-                mine, uniform = results[method][s], results["uniform"][s]
-                share = steps_to_reach(mine["curve"], uniform["final"], args.train_iters)
-                steps.append(share)
-                uniform_flops = (uniform["flops"] or {}).get("total")
-                compute.append(compute_to_reach(mine["flops_curve"], uniform["final"],
-                                                uniform_flops))
-                matched.append(loss_at_compute(mine["flops_curve"], uniform_flops))
-                time_ratio.append(share * mine["median_step_time"] / uniform["median_step_time"])
-            summary[method].update(steps_to_uniform_final=steps,
-                                   compute_to_uniform_final=compute,
-                                   time_to_uniform_final=time_ratio,
-                                   # the same GPU-hours as uniform's whole run
-                                   test_loss_at_uniform_compute=matched)
-    goals = {}
-    if {"blade", "uniform"} <= set(methods):
-        blade, uniform = summary["blade"], summary["uniform"]
-        goals["blade_below_uniform_every_seed"] = all(
-            b < u for b, u in zip(blade["test_loss"], uniform["test_loss"]))
-        goals["blade_compute_ratio_le_0.75"] = all(
-            r is not None and r <= 0.75 for r in blade["compute_to_uniform_final"])
-        uniform_noise = np.mean([x for x in uniform["noise_share"] if x is not None] or [0.5])
-        blade_noise = np.mean([x for x in blade["noise_share"] if x is not None] or [1.0])
-        goals["blade_noise_lt_third_of_uniform"] = bool(blade_noise < uniform_noise / 3)
-    if {"blade", "rho"} <= set(methods):
-        goals["blade_below_rho_every_seed"] = all(
-            b < r for b, r in zip(summary["blade"]["test_loss"], summary["rho"]["test_loss"]))
-        if "uniform" in methods:  # None (nothing evaluated within the budget) counts as worse
-            goals["blade_below_rho_at_uniform_compute_every_seed"] = all(
-                b is not None and (r is None or b < r) for b, r in zip(
-                    summary["blade"]["test_loss_at_uniform_compute"],
-                    summary["rho"]["test_loss_at_uniform_compute"]))
-    summary["goals"] = goals
-    print(json.dumps(summary))
+    roles = {m: method_role(m, selection_of(method_flags(m, args))) for m in methods}
+    summary = summarise(runs, roles, args.train_iters)
+    met, figures = goals(summary)
+    result = {"bench": "selection_quality", "regime": args.regime, "tag": args.tag,
+              "seeds": args.seeds, "train_iters": args.train_iters,
+              "eval_interval": args.eval_interval, "command": provenance(),
+              "settings": {k: v for k, v in vars(args).items()
+                           if k not in ("workdir", "results", "variants", "method_list")},
+              "flags": {m: method_flags(m, args) for m in methods}, "skipped": skipped,
+              **summary, "goals": met, "figures": figures,
+              "curves": {m: {str(seed): run["curve"] for seed, run in zip(args.seeds, runs[m])}
+                         for m in methods},
+              "run_seconds": {m: [run["seconds"] for run in runs[m]] for m in methods}}
+    result = as_json(result)
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    write_atomic(args.results, json.dumps(result, indent=1) + "\n")
+    print(regime_table(result, os.path.abspath(args.results)))
+    print(json.dumps({"regime": args.regime, "results": os.path.abspath(args.results),
+                      "goals": met, "figures": as_json(figures)}))
+
+
+def number(value, digits: int) -> str:
+    return "nan" if value is None else f"{value:.{digits}f}"
 
 
 if __name__ == "__main__":

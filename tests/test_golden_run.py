@@ -9,7 +9,9 @@ change must leave every number here identical.  What is pinned, per configuratio
 
 * every train log record of both launches: ``iteration``, ``consumed``, ``loss`` (the exact
   float) and ``block_crcs`` (CRC-32s of each step's candidate block ids);
-* every eval record: its ``iteration`` and ``*_loss`` values (exact floats);
+* every eval record: its ``iteration`` and window losses ``valid_loss``, ``target_loss`` and
+  ``test_loss`` (exact floats; the whole-document ``test_doc_loss`` / ``test_bpb`` are checked
+  against tools/evaluate.py in tests/test_eval_documents.py instead);
 * a digest of the checkpoints at iterations 10 and 20: each file of ``iter_XXXXXXX/``
   (recursively) but the manifest, ``.pt`` files unpickled and walked down to their leaves
   (``file`` -> ``key/key[i]/...`` -> the first 64 bits of a sha256 of dtype + shape + bytes
@@ -178,13 +180,16 @@ def _cpu_model() -> str:
 
 
 # -- the runs -----------------------------------------------------------------------------------
+EVAL_PINNED = ("iteration", "valid_loss", "target_loss", "test_loss")
+
+
 def _read_log(path: str) -> dict:
     with open(path) as f:
         records = [json.loads(line) for line in f]
     return {
         "train": [{k: r[k] for k in ("iteration", "consumed", "loss", "block_crcs")}
                   for r in records if r["kind"] == "train"],
-        "eval": [{k: v for k, v in r.items() if k == "iteration" or k.endswith("_loss")}
+        "eval": [{k: r[k] for k in EVAL_PINNED if k in r}
                  for r in records if r["kind"] == "eval"],
     }
 

@@ -135,7 +135,11 @@ class Trainer:
                                   train_iters=config.train.train_iters,
                                   tokens_per_step=data.global_batch_size * data.seq_length)
         self.evaluator = Evaluator(config, self.learner, self.streams, self.groups, self.flops,
-                                   self.log)
+                                   self.log, tok)
+        # Seconds this launch has spent in training steps, dropped ones included (a step: its
+        # block draw to its after_step, reference syncs and training inside): the eval
+        # records' ``wall_s``, so evaluations, checkpoint writes and start-up are not in it.
+        self.train_seconds = 0.0
         # the architecture and tokenizer size as trained, for tools/export_hf.py
         trained_as = {"config": config.to_dict(), "model": self.size.__dict__,
                       "vocab_size": self.vocab}
@@ -183,6 +187,7 @@ class Trainer:
                 self.hook.microbatches(batch), batch.normaliser, lr, batch.weight_fn)
             self.flops.add("learner", self.size, self.config.data.global_batch_size, TRAIN)
             if not finite:  # the step was dropped; its compute was spent all the same
+                self.train_seconds += time.perf_counter() - started
                 self.on_bad_step(step, block.consumed)
                 continue
             position.bad_steps = 0
@@ -192,9 +197,10 @@ class Trainer:
             position.iteration += 1
             position.consumed += block.consumed
             self.train_log.step(step, losses, started, hook_time, stats, block.ids)
+            self.train_seconds += time.perf_counter() - started
             bar.update()
             self.train_log.maybe_write(position.iteration, position.consumed, lr)
-            self.evaluator.maybe_evaluate(position.iteration)
+            self.evaluator.maybe_evaluate(position.iteration, self.train_seconds)
             self.checkpointer.maybe_save(position.iteration)
             exit_interval = self.config.train.exit_interval
             if exit_interval and position.iteration % exit_interval == 0:

@@ -1,0 +1,152 @@
+"""Markdown tables of the selection-quality run files (bench/results/*.json), and the README's
+results section made from them.
+
+    python bench/results_tables.py                 # print the tables
+    python bench/results_tables.py --write-readme  # rewrite README.md between the markers
+
+One table per run file (a regime at one setting, ``--tag``), rows in the order the bench ran
+them. Differences are paired over seeds: mean +/- the half-width of the 95% t interval (the
+interval excludes 0 when the half-width is smaller than the mean's size). "never": a seed never
+reached the level; "—": not measured (no uniform or oracle row, one seed only, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+RESULTS_DIR = os.path.join(HERE, "results")
+README = os.path.join(REPO, "README.md")
+BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+REGIME_ORDER = ("scratch", "continued", "domain-shift")
+NOTHING_YET = "_No run files in `bench/results/` yet._"
+
+
+def load_results(directory: str = RESULTS_DIR) -> list[tuple[str, dict]]:
+    """(path, result) of every selection-quality run file, by regime then file name."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        with open(path) as f:
+            result = json.load(f)
+        if result.get("bench") == "selection_quality":
+            found.append((path, result))
+
+    def order(item):
+        regime = item[1]["regime"]
+        return (REGIME_ORDER.index(regime) if regime in REGIME_ORDER else len(REGIME_ORDER),
+                os.path.basename(item[0]))
+
+    return sorted(found, key=order)
+
+
+def value(x, digits: int = 4, suffix: str = "") -> str:
+    if x is None:
+        return "—"
+    if isinstance(x, str):  # "never"
+        return x
+    return f"{x:.{digits}f}{suffix}"
+
+
+def difference(interval, digits: int = 4, signed: bool = True) -> str:
+    """``−0.0123 ± 0.0045`` (mean ± the 95% half-width), ``−0.0123 (1 seed)`` without one;
+    ``signed``: a difference, whose sign is always shown."""
+    if not interval or interval.get("mean") is None:
+        return "—"
+    mean = f"{interval['mean']:{'+' if signed else ''}.{digits}f}".replace("-", "−")
+    if interval.get("low") is None:
+        return f"{mean} ({interval['n']} seed)"
+    half = (interval["high"] - interval["low"]) / 2
+    return f"{mean} ± {half:.{digits}f}"
+
+
+def _display_path(path: str) -> str:
+    absolute = os.path.abspath(path)
+    return os.path.relpath(absolute, REPO) if absolute.startswith(REPO + os.sep) else absolute
+
+
+def regime_table(result: dict, path: str) -> str:
+    """One run file as a heading line and a Markdown table."""
+    command = result.get("command", {})
+    commit = (command.get("commit") or "unknown")[:10] + (" (dirty)" if command.get("dirty")
+                                                          else "")
+    best = result.get("best_baseline")
+    lines = [f"**{result['regime']}**, `{result['tag']}`: {len(result['seeds'])} seeds "
+             f"({', '.join(map(str, result['seeds']))}), {result['train_iters']} steps, "
+             f"evaluations every {result['eval_interval']}; best baseline "
+             f"{best or '—'} (lowest selection-split loss). `{_display_path(path)}`, commit "
+             f"{commit}, {command.get('date', '?')}: `{command.get('command', '?')}`",
+             "",
+             "| method | test bpb | − uniform | − best baseline | bpb at uniform's compute "
+             "| − uniform, same compute | − best baseline, same compute "
+             "| compute to uniform's final | noise share | oracle gap closed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, method in result["methods"].items():
+        mean = method["mean"]
+        vs_uniform = method.get("vs_uniform", {})
+        vs_best = method.get("vs_best_baseline", {})
+        label = f"{name} (best baseline)" if name == best else name
+        lines.append("| " + " | ".join([
+            label, value(mean["test_bpb"]),
+            difference(vs_uniform.get("final")), difference(vs_best.get("final")),
+            value(mean.get("test_bpb_at_uniform_compute")),
+            difference(vs_uniform.get("at_uniform_compute")),
+            difference(vs_best.get("at_uniform_compute")),
+            value(mean.get("compute_to_uniform_final"), 2, "×"),
+            value(mean["noise_share"], 3),
+            difference(method.get("oracle_gap_closed"), 2, signed=False)]) + " |")
+    return "\n".join(lines)
+
+
+def section(results: list[tuple[str, dict]]) -> str:
+    """What goes between the README's markers."""
+    if not results:
+        return NOTHING_YET
+    return "\n\n".join(regime_table(result, path) for path, result in results)
+
+
+def replace_section(text: str, generated: str) -> str:
+    """``text`` with everything between the markers replaced by ``generated``."""
+    begin, end = text.find(BEGIN), text.find(END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"the README lacks the markers {BEGIN} ... {END}")
+    return text[:begin + len(BEGIN)] + "\n" + generated + "\n" + text[end:]
+
+
+def readme_section(text: str) -> str:
+    """What the README holds between the markers now."""
+    begin, end = text.find(BEGIN), text.find(END)
+    if begin < 0 or end < begin:
+        raise ValueError(f"the README lacks the markers {BEGIN} ... {END}")
+    return text[begin + len(BEGIN):end].strip("\n")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results-dir", default=RESULTS_DIR)
+    p.add_argument("--readme", default=README)
+    p.add_argument("--write-readme", action="store_true",
+                   help="rewrite the README's section between the results markers")
+    args = p.parse_args(argv)
+    generated = section(load_results(args.results_dir))
+    if not args.write_readme:
+        print(generated)
+        return 0
+    with open(args.readme, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        updated = replace_section(text, generated)
+    except ValueError as err:
+        print(f"results_tables: {args.readme}: {err}", file=sys.stderr)
+        return 1
+    with open(args.readme, "w", encoding="utf-8") as f:
+        f.write(updated)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
