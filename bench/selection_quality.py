@@ -64,8 +64,7 @@ from blade_mega.testing import pretrain_rank, run_distributed  # noqa: E402
 # Every method runs with the flag defaults (sample level, keep 1/2 of a 2x block, T = 20,
 # K = 16, lambda = 0, beta = 0.25, --reweight-mix 0.5: the defaults the sweeps in docs/method.md
 # chose), so "blade" and "rho" here are what `--selection blade|rho` alone gives; rho's default
-# budget is blade's reference training in model passes. Variants add their own flags. A value
-# in braces is a bench flag's (``--document-scores``).
+# budget is blade's reference training in model passes. Variants add their own flags.
 METHODS = {
     "uniform": [],
     "highloss": ["--selection", "highloss"],
@@ -83,13 +82,18 @@ METHODS = {
     # Uniform training on other data than the pool (TRAINING_DATA).
     "oracle": [],
     "target-mix": [],
-    # Methods that builds may lack: a run skips them, saying why (``unavailable``).
+    # The baselines a sceptic asks for first. rho-small: the learner against a static
+    # reference of the tiny preset trained on V from its own initialisation (RHO-LOSS's
+    # design; for the tiny learner it is the learner's size, started fresh instead of copied);
+    # rho-proxy: a tiny proxy pair with rho's rule, which costs what blade's pair costs.
     "random": ["--selection", "random"],
     "rho-small": ["--selection", "rho", "--reference-model", "tiny"],
     "rho-proxy": ["--selection", "rho", "--reference-model", "tiny", "--rho-scorer", "proxy"],
-    "classifier": ["--selection", "classifier", "--document-scores", "{document_scores}"],
+    # fastText on V against the pool, scored once before the runs (the data step below).
+    "classifier": ["--selection", "classifier"],
 }
-DEFAULT_METHODS = "uniform,highloss,rho,blade,blade-paper,sketch-influence,oracle,target-mix"
+DEFAULT_METHODS = ("uniform,random,rho,rho-small,rho-proxy,classifier,target-mix,oracle,blade,"
+                   "blade-paper")
 # What a method trains on, when it is not the pool.
 TRAINING_DATA = {"oracle": "oracle", "target-mix": "target-mix"}
 # The protocol fixes these for every row: a variant or --method-flags may not change them.
@@ -212,13 +216,24 @@ def add_oracle(directory: str, paths: dict, label: str) -> dict:
     return paths
 
 
+def score_pool(paths: dict) -> None:
+    """The classifier's per-document scores of the pool, beside it (once per data directory):
+    fastText trained on V, never on the selection or test split."""
+    from blade_mega.data.document_scores import scores_path
+
+    if os.path.exists(scores_path(paths["pool"])):
+        return
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), "tools",
+                                                 "score_documents.py"),
+                    "--tokenizer-model", paths["tokenizer"], "--data-path", paths["pool"],
+                    "--target-data-path", paths["target"]],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
 def method_flags(method: str, args) -> list[str]:
     """A method's flags: one of METHODS, or a --variant NAME="flags" (its own --selection),
     with bench flags' values filled in (None where the flag was not given)."""
-    flags = args.variants[method] if method in args.variants else METHODS[method]
-    values = {"document_scores": args.document_scores}
-    return [values.get(flag[1:-1]) if flag.startswith("{") and flag.endswith("}") else flag
-            for flag in flags]
+    return args.variants[method] if method in args.variants else METHODS[method]
 
 
 def selection_of(flags: list[str]) -> Optional[str]:
@@ -278,9 +293,6 @@ def unavailable(method: str, argv: list[str], flags: list[str]) -> Optional[str]
     if selection is not None and selection not in method_names():
         return (f"--selection {selection} is not registered in this build (registered: "
                 f"{', '.join(method_names())})")
-    if None in flags:
-        return ("needs --document-scores FILE (per-document scores, written by "
-                "the score_documents tool, where the build has it)")
     refused = io.StringIO()
     try:
         with contextlib.redirect_stderr(refused):
@@ -386,9 +398,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "run after --methods with the shared selection flags; repeatable")
     p.add_argument("--target-mix-share", type=float, default=0.1,
                    help="target-mix: the share of V in its training blend")
-    p.add_argument("--document-scores", metavar="FILE",
-                   help="classifier: the per-document scores (written by the score_documents "
-                        "tool; the method is skipped without them)")
     p.add_argument("--base-iters", type=int, default=300)
     p.add_argument("--run-timeout", type=float, default=7200,
                    help="seconds one training run may take before it counts as hung")
@@ -443,6 +452,8 @@ def main() -> None:
     else:
         args.size_mb = args.size_mb or 4.0
         paths = build_data(os.path.join(args.workdir, "data"), args.size_mb, args.vocab)
+    if "classifier" in args.method_list:
+        score_pool(paths)
     skipped = {}
     for method in args.method_list:
         probe = os.path.join(args.workdir, "probe.jsonl")

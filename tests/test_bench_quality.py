@@ -201,8 +201,9 @@ def test_the_protocol_flags_are_the_same_for_every_row():
     args = sq.parse_args(["--regime", "domain-shift", "--train-iters", "20"])
     assert args.seeds == [0, 1, 2, 3, 4]
     assert args.results.endswith("bench/results/selection_quality_domain-shift_tiny_20.json")
-    for method in ("random", "rho-small", "rho-proxy", "classifier"):  # listed, not by default
-        assert method in sq.METHODS and method not in sq.DEFAULT_METHODS.split(",")
+    # the baselines a sceptic asks for first run by default
+    for method in ("random", "rho-small", "rho-proxy", "classifier", "target-mix", "oracle"):
+        assert method in sq.DEFAULT_METHODS.split(",")
 
 
 def test_training_data_of_the_oracle_and_the_target_mix():
@@ -218,12 +219,11 @@ def test_training_data_of_the_oracle_and_the_target_mix():
 def test_a_method_this_build_lacks_is_skipped_with_its_reason():
     args = sq.parse_args([])
     base = ["--vocab-size", "500", "--data-path", "unused_text_document"]
-    flags = sq.method_flags("classifier", args)
-    assert None in flags  # no --document-scores given
-    assert "not registered" in sq.unavailable("classifier", base, flags)
-    assert "not registered" in sq.unavailable("random", base, sq.METHODS["random"])
-    reason = sq.unavailable("rho-proxy", base + sq.METHODS["rho-proxy"], sq.METHODS["rho-proxy"])
-    assert "--rho-scorer" in reason
+    assert sq.unavailable("random", base, sq.METHODS["random"]) is None
+    assert "not registered" in sq.unavailable("missing", base, ["--selection", "missing"])
+    token_level = ["--selection", "classifier", "--selection-granularity", "token"]
+    assert "scores whole documents" in sq.unavailable("classifier", base + token_level,
+                                                      token_level)
     assert sq.unavailable("uniform", base, []) is None
 
 
