@@ -161,7 +161,7 @@ class PipelineRunner:
     def __init__(self, model: torch.nn.Module, seq_length: int, micro_batch_size: int):
         self.model = model
         self.seq_length = seq_length
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size = micro_batch_size  # the default split (sketches, evaluations)
         self._schedule = get_forward_backward_func()
 
     def run(self, microbatches: list[MicroBatch], *, forward_only: bool, normaliser: float = 1.0,
@@ -205,7 +205,8 @@ class PipelineRunner:
             self._schedule(
                 forward_step_func=forward_step, data_iterator=iter(microbatches),
                 model=[self.model], num_microbatches=n, seq_length=self.seq_length,
-                micro_batch_size=self.micro_batch_size, forward_only=forward_only)
+                # the pipeline's activation shape: whatever size these micro-batches have
+                micro_batch_size=microbatches[0].tokens.size(0), forward_only=forward_only)
         return out
 
 
@@ -269,14 +270,26 @@ def drop_gradients(engine) -> None:
 
 
 class ModelEngine:
-    """A GPT stage + its DeepSpeed engine: a training step, and per-token losses for scoring."""
+    """A GPT stage + its DeepSpeed engine: a training step, and per-token losses for scoring.
 
-    def __init__(self, engine, seq_length: int, micro_batch_size: int):
+    ``micro_batch_size`` splits its training batches (``split``), ``scoring_micro_batch_size``
+    its forward-only scoring; a model smaller than the learner takes larger micro-batches of
+    both (engine/plan.py, ``small_model_micro_batches``), since per-launch overhead, not
+    arithmetic, bounds a small model's speed."""
+
+    def __init__(self, engine, seq_length: int, micro_batch_size: int,
+                 scoring_micro_batch_size: Optional[int] = None):
         self.engine = engine
         self.module = engine.module
         self.micro_batch_size = micro_batch_size
+        self.scoring_micro_batch_size = scoring_micro_batch_size or micro_batch_size
         self.seq_length = seq_length
         self.runner = PipelineRunner(engine.module, seq_length, micro_batch_size)
+
+    def split(self, samples: torch.Tensor, weights: Optional[torch.Tensor] = None
+              ) -> list[MicroBatch]:
+        """A training batch of this model in its own micro-batches."""
+        return split_microbatches(samples, self.micro_batch_size, weights)
 
     def train_step(self, microbatches: list[MicroBatch], normaliser: float, lr: float,
                    weight_fn=None) -> tuple[tuple[float, float], bool]:
@@ -301,7 +314,8 @@ class ModelEngine:
         """Per-token losses [n, s] of ``samples`` [n, s+1]. They are computed on the last
         pipeline stage; ``everywhere`` sends them to every stage, else other stages get None."""
         self.module.eval()
-        out = self.runner.run(split_microbatches(samples, self.micro_batch_size),
+        size = math.gcd(self.scoring_micro_batch_size, samples.size(0))
+        out = self.runner.run(split_microbatches(samples, size),
                               forward_only=True, keep_token_losses=True)
         losses = torch.cat(out.token_losses) if out.token_losses else None
         if not everywhere:

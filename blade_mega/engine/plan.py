@@ -114,10 +114,11 @@ def model_bytes(params: int, *, dp: int, zero_stage: int, bf16: bool, offload: b
     return out
 
 
-def activation_bytes(size: ModelSize, config, *, tp: int, pp: int, vocab: int, bf16: bool
-                     ) -> dict:
-    """Activation bytes of one micro-batch on the busiest stage, by recompute choice."""
-    s, b = config.data.seq_length, config.data.micro_batch_size
+def activation_bytes(size: ModelSize, config, *, tp: int, pp: int, vocab: int, bf16: bool,
+                     micro_batch: int | None = None) -> dict:
+    """Activation bytes of one micro-batch (``micro_batch`` samples, by default the run's) on the
+    busiest stage, by recompute choice."""
+    s, b = config.data.seq_length, micro_batch or config.data.micro_batch_size
     h, a = size.hidden_size, size.num_attention_heads
     layers = size.num_layers // pp
     scale = (2 if bf16 else 4) / 2  # the paper's figures are for 16-bit activations
@@ -133,6 +134,35 @@ def activation_bytes(size: ModelSize, config, *, tp: int, pp: int, vocab: int, b
     out = {kind: int(value * layers) for kind, value in per_layer.items()}
     out["full"] = int(full_input * layers + per_layer["none"])
     return {**out, "logits_last_stage": int(logits)}
+
+
+def small_model_micro_batches(small: ModelSize, config, *, tp: int, pp: int, vocab: int,
+                              local_batch: int, local_block: int) -> tuple[int, int]:
+    """(training, scoring) micro-batch sizes of a model smaller than the learner (a proxy pair, a
+    small reference): the largest multiples of the learner's micro-batch that divide this rank's
+    share of the batch (of the candidate block) and whose activations fit in what one learner
+    micro-batch already holds, so the run's peak memory is still the learner's.  Scoring is
+    forward-only: one layer's activations and the fp32 logits with their log-softmax."""
+    def per_sample(size: ModelSize) -> dict:
+        return activation_bytes(size, config, tp=tp, pp=pp, vocab=vocab, bf16=config.model.bf16,
+                                micro_batch=1)
+
+    recompute = config.model.recompute_granularity or "none"
+    learner, proxy = per_sample(config.model.size), per_sample(small)
+    micro = config.data.micro_batch_size
+    budget = micro * (learner[recompute] + learner["logits_last_stage"])
+    train = proxy[recompute] + proxy["logits_last_stage"]
+    layers = max(1, small.num_layers // pp)
+    score = proxy["none"] / layers + proxy["logits_last_stage"]
+
+    def largest(share: int, per: float) -> int:
+        best = micro
+        for size in range(micro, share + 1, micro):
+            if share % size == 0 and size * per <= budget:
+                best = size
+        return best
+
+    return largest(local_batch, train), largest(local_block, score)
 
 
 def plan(config, world_size: int, vocab: int) -> dict:

@@ -139,7 +139,8 @@ class ExcessLossSelector(SelectionHook):
             self.reference.remember(step, batch.ids, batch.weights, batch.normaliser)
         dropped = {}  # non-finite steps of the hook's own models, dropped: the loop logs them
         if self.proxy is not None:  # u' follows u: same batch, same alpha
-            if not self.proxy.train_step(self.microbatches(batch), batch.normaliser, lr)[1]:
+            if not self.proxy.train_step(self.proxy.split(batch.samples, batch.weights),
+                                         batch.normaliser, lr)[1]:
                 dropped["proxy"] = 1
             self.ctx.flops.add("reference", self.scorer_size, self.ctx.global_batch, TRAIN)
         if self.reference is not None and self.reference.bad_steps > self._ref_bad_seen:

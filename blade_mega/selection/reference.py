@@ -35,7 +35,7 @@ import torch
 
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
-from blade_mega.engine.model_engine import ModelEngine, comm_device, learning_rate, split_microbatches
+from blade_mega.engine.model_engine import ModelEngine, comm_device, learning_rate
 from blade_mega.errors import UserError
 from blade_mega.train.flops import TRAIN
 
@@ -140,16 +140,15 @@ class Reference:
         ``target_ids``, then (lam > 0) the replayed batch with alpha scaled so that the step
         minimises ``L_V + lam * L_train`` over one shared normaliser."""
         ctx = self.ctx
-        micro_batch = ctx.config.data.micro_batch_size
         target_samples = ctx.target.read(ctx.groups.share(target_ids))
         target_tokens = float(len(target_ids) * ctx.tokens_per_sample)
-        micro = split_microbatches(target_samples, micro_batch)
+        micro = self.model.split(target_samples)
         if lam > 0 and batch is not None:
             samples = ctx.train.read(batch.ids)
             weights = batch.weights if batch.weights is not None else \
                 torch.ones(samples.size(0), samples.size(1) - 1)
             scaled = weights * (lam * target_tokens / batch.normaliser)
-            micro += split_microbatches(samples, micro_batch, scaled)
+            micro += self.model.split(samples, scaled)
         return micro, target_tokens
 
     def _train_step(self, lr: float, batch: Optional[ReplayBatch]) -> None:

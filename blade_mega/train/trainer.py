@@ -153,7 +153,7 @@ class Trainer:
                 self.checkpointer.register("recently_trained", record.recently_trained)
 
     def build_engine(self, size, offload: bool):
-        from blade_mega.engine import ds_config
+        from blade_mega.engine import ds_config, plan
         from blade_mega.engine.model import build_gpt, padded_vocab_size, speed_options
         from blade_mega.engine.model_engine import ModelEngine, initialize_engine
 
@@ -166,7 +166,14 @@ class Trainer:
         engine = initialize_engine(model, ds_config.for_run(config, self.layout.dp, offload),
                                    self.trust_checkpoint)
         self.engines.append(engine)
-        return ModelEngine(engine, config.data.seq_length, config.data.micro_batch_size)
+        micro = score_micro = config.data.micro_batch_size
+        if size != self.size:  # a small model: fewer, larger launches
+            dp = self.layout.dp
+            micro, score_micro = plan.small_model_micro_batches(
+                size, config, tp=self.layout.tp, pp=self.layout.pp, vocab=self.vocab,
+                local_batch=config.data.global_batch_size // dp,
+                local_block=config.method_spec.candidates(config) // dp)
+        return ModelEngine(engine, config.data.seq_length, micro, score_micro)
 
     # -- the loop ------------------------------------------------------------------------------
     def train(self) -> int:
