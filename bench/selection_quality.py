@@ -45,11 +45,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import io
 import json
 import os
-import shlex
 import subprocess
 import sys
 import time
@@ -58,6 +56,7 @@ from typing import Optional
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from bench.quality.provenance import provenance  # noqa: E402
 from bench.quality.summary import as_json, goals, method_role, run_figures, summarise  # noqa: E402
 from blade_mega.testing import pretrain_rank, run_distributed  # noqa: E402
 
@@ -339,24 +338,6 @@ def train_base(paths: dict, seed: int, args, workdir: str) -> str:
             "--seed", str(1000 + seed), "--no-progress", "--split", "100,1", "--save", save]
     run_distributed(pretrain_rank, 1, argv, timeout=args.run_timeout)
     return save
-
-
-def provenance() -> dict:
-    """The exact command, the commit it ran at (``dirty``: tracked files differed from it)
-    and when."""
-    repo = os.path.dirname(HERE)
-
-    def git(*argv: str) -> str:
-        try:
-            return subprocess.run(["git", *argv], cwd=repo, capture_output=True, text=True,
-                                  timeout=30).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    return {"argv": sys.argv, "command": shlex.join(["python", *sys.argv]),
-            "commit": git("rev-parse", "HEAD") or None,
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
 def default_results(args) -> str:
