@@ -75,10 +75,12 @@ def regime_table(result: dict, path: str) -> str:
     commit = (command.get("commit") or "unknown")[:10] + (" (dirty)" if command.get("dirty")
                                                           else "")
     best = result.get("best_baseline")
+    best_at_compute = result.get("best_baseline_at_uniform_compute")
     lines = [f"**{result['regime']}**, `{result['tag']}`: {len(result['seeds'])} seeds "
              f"({', '.join(map(str, result['seeds']))}), {result['train_iters']} steps, "
              f"evaluations every {result['eval_interval']}; best baseline "
-             f"{best or '—'} (lowest selection-split loss). `{_display_path(path)}`, commit "
+             f"{best or '—'} at equal steps, {best_at_compute or '—'} at uniform's compute "
+             f"(lowest selection-split loss there). `{_display_path(path)}`, commit "
              f"{commit}, {command.get('date', '?')}: `{command.get('command', '?')}`",
              "",
              "| method | test bpb | − uniform | − best baseline | bpb at uniform's compute "
@@ -89,7 +91,9 @@ def regime_table(result: dict, path: str) -> str:
         mean = method["mean"]
         vs_uniform = method.get("vs_uniform", {})
         vs_best = method.get("vs_best_baseline", {})
-        label = f"{name} (best baseline)" if name == best else name
+        marks = [m for m, who in (("best baseline", best),
+                                  ("best at uniform's compute", best_at_compute)) if who == name]
+        label = f"{name} ({', '.join(marks)})" if marks else name
         lines.append("| " + " | ".join([
             label, value(mean["test_bpb"]),
             difference(vs_uniform.get("final")), difference(vs_best.get("final")),

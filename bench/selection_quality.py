@@ -31,7 +31,8 @@ separate target-domain split; other regimes: V), noise share, total FLOPs, the s
 wall time to reach uniform's final test_bpb (over uniform's), the test_bpb at uniform's total
 compute; and the paired difference over seeds (mean and 95% t interval) to uniform and to the
 best baseline (the non-blade row with the lowest mean selection-split loss: chosen on the
-selection split, never on test), at equal steps and at equal compute; with ``oracle`` run, the
+selection split, never on test), at equal steps and at equal compute (there: among the rows with
+a model within uniform's compute, on their selection-split loss at it); with ``oracle`` run, the
 share of the uniform -> oracle gap each method closes (bench/quality/).
 
 The summary, the exact command, the commit and the per-seed curves go to ``--results``

@@ -106,7 +106,7 @@ def test_run_figures_and_the_off_target_share():
     assert (out["test_bpb"], out["test_loss"], out["selection_loss"]) == (2.25, 5.0, 4.9)
     assert (out["total_flops"], out["total_wall_s"]) == (10.0, 2.0)
     assert out["curve"][0] == {"iteration": 10, "flops": 5.0, "wall_s": 1.0, "test_bpb": 2.5,
-                               "test_loss": 5.5}
+                               "test_loss": 5.5, "selection_loss": 5.4}
     assert off_target_share({"target": 0.3, "off-domain": 0.5, "blob": 0.2}) == \
         pytest.approx(0.7)
 
@@ -131,8 +131,9 @@ def test_as_json_writes_never_for_a_level_not_reached():
 
 # -- the regime summary and its goals --------------------------------------------------------------
 def synthetic_run(flops, wall, bpb, selection, noise):
-    curve = [{"iteration": it, "flops": f, "wall_s": w, "test_bpb": b, "test_loss": 2 * b}
-             for it, f, w, b in zip((50, 100), flops, wall, bpb)]
+    curve = [{"iteration": it, "flops": f, "wall_s": w, "test_bpb": b, "test_loss": 2 * b,
+              "selection_loss": selection + late}
+             for it, f, w, b, late in zip((50, 100), flops, wall, bpb, (0.1, 0.0))]
     return {"curve": curve, "test_bpb": bpb[-1], "test_loss": 2 * bpb[-1],
             "selection_loss": selection, "noise_share": noise, "total_flops": flops[-1],
             "total_wall_s": wall[-1]}
@@ -176,19 +177,25 @@ def test_summary_by_hand():
     assert rho["compute_to_uniform_final"] == [2.0] * 3
     assert rho["test_bpb_at_uniform_compute"] == [None] * 3  # its first evaluation costs 150
     assert summary["methods"]["uniform"]["per_seed"]["compute_to_uniform_final"] == [1.0] * 3
-    # nothing of rho's at uniform's compute: no paired figure there
-    assert blade["vs_best_baseline"]["at_uniform_compute"]["n"] == 0
+    # nothing of rho's at uniform's compute, so the best baseline there is uniform, chosen on
+    # its selection loss at that budget
+    assert rho["selection_loss_at_uniform_compute"] == [None] * 3
+    assert summary["best_baseline_at_uniform_compute"] == "uniform"
+    assert blade["vs_best_baseline"]["at_uniform_compute"]["mean"] == pytest.approx(-0.05)
+    assert blade["vs_best_baseline"]["at_uniform_compute"]["n"] == 3
 
 
 def test_goals_by_hand():
     met, figures = goals(summarise(synthetic_runs(), ROLES, train_iters=100))
-    assert met == {"blade_beats_every_baseline_at_equal_compute": False,  # no rho figure there
+    assert met == {"blade_beats_every_baseline_at_equal_compute": True,  # rho: none there
                    "blade_beats_every_baseline_at_equal_steps": True,
                    "blade_compute_to_uniform_final_le_0.70": True,
                    "blade_noise_lt_third_of_uniform": True,  # 0.15 < 0.6 / 3
                    "oracle_gap_closed_ge_0.8": False}  # 2/3
     assert figures["blade_compute_to_uniform_final"] == [0.6] * 3
     assert set(figures["blade_minus_baseline_test_bpb_at_equal_steps"]) == {"uniform", "rho"}
+    assert set(figures["blade_minus_baseline_test_bpb_at_equal_compute"]) == {"uniform"}
+    assert figures["baselines_without_a_model_at_uniform_compute"] == ["rho"]
     assert goals(summarise({"uniform": synthetic_runs()["uniform"]}, ROLES, 100)) == ({}, {})
 
 

@@ -15,6 +15,7 @@ from bench.quality.curves import compute_to_reach, loss_at_compute, steps_to_rea
 from bench.quality.paired import below_zero, mean_interval, paired_difference
 
 CURVE_KEYS = ("iteration", "flops", "wall_s", "test_bpb", "test_loss")
+# ... and each evaluation's selection-split loss, as "selection_loss" (the key differs by regime)
 FINAL_KEYS = ("test_bpb", "test_loss", "selection_loss", "noise_share", "total_flops",
               "total_wall_s")
 
@@ -29,7 +30,8 @@ def run_figures(records: list[dict], selection_key: str) -> dict:
     shares = [r["trained_share"] for r in records
               if r["kind"] == "train" and "trained_share" in r]
     last = evals[-1]
-    return {"curve": [{key: r.get(key) for key in CURVE_KEYS} for r in evals],
+    return {"curve": [{**{key: r.get(key) for key in CURVE_KEYS},
+                       "selection_loss": r.get(selection_key)} for r in evals],
             "test_bpb": last.get("test_bpb"), "test_loss": last.get("test_loss"),
             "selection_loss": last.get(selection_key),
             "noise_share": (sum(off_target_share(s) for s in shares) / len(shares)
@@ -60,8 +62,8 @@ def mean_of(values: Sequence[Optional[float]]) -> Optional[float]:
     return sum(values) / len(values)
 
 
-def _curve(run: dict, x: str) -> list[tuple]:
-    return [(point[x], point["test_bpb"]) for point in run["curve"]]
+def _curve(run: dict, x: str, y: str = "test_bpb") -> list[tuple]:
+    return [(point[x], point.get(y)) for point in run["curve"]]
 
 
 def _against_uniform(run: dict, uniform: dict, train_iters: int) -> dict:
@@ -73,7 +75,9 @@ def _against_uniform(run: dict, uniform: dict, train_iters: int) -> dict:
             "wall_to_uniform_final": wall_to_reach(_curve(run, "wall_s"), level,
                                                    uniform["total_wall_s"]),
             "test_bpb_at_uniform_compute": loss_at_compute(_curve(run, "flops"),
-                                                           uniform["total_flops"])}
+                                                           uniform["total_flops"]),
+            "selection_loss_at_uniform_compute": loss_at_compute(
+                _curve(run, "flops", "selection_loss"), uniform["total_flops"])}
 
 
 def gap_closed(uniform: Optional[float], method: Optional[float], oracle: Optional[float]
@@ -84,18 +88,28 @@ def gap_closed(uniform: Optional[float], method: Optional[float], oracle: Option
     return (uniform - method) / (uniform - oracle)
 
 
-def best_baseline(methods: dict) -> Optional[str]:
-    """The baseline with the lowest mean final selection-split loss (never chosen on test)."""
-    scored = {name: m["mean"]["selection_loss"] for name, m in methods.items()
-              if m["role"] == "baseline" and m["mean"]["selection_loss"] is not None}
+def best_baseline(methods: dict, key: str = "selection_loss") -> Optional[str]:
+    """The baseline with the lowest mean selection-split loss (never chosen on test): at the
+    end (``selection_loss``), or at uniform's compute (``selection_loss_at_uniform_compute``),
+    among the baselines with a model at that budget on every seed."""
+    scored = {name: m["mean"].get(key) for name, m in methods.items()
+              if m["role"] == "baseline" and m["mean"].get(key) is not None}
     return min(scored, key=scored.get) if scored else None
 
 
-def _paired(methods: dict, name: str, other: str) -> dict:
-    mine, theirs = methods[name]["per_seed"], methods[other]["per_seed"]
-    return {"final": paired_difference(mine["test_bpb"], theirs["test_bpb"]),
-            "at_uniform_compute": paired_difference(mine["test_bpb_at_uniform_compute"],
-                                                    theirs["test_bpb_at_uniform_compute"])}
+def _paired(methods: dict, name: str, final: Optional[str], at_compute: Optional[str]) -> dict:
+    """Paired test_bpb differences: to ``final`` at equal steps, to ``at_compute`` at
+    uniform's compute (either None: that side is absent)."""
+    mine = methods[name]["per_seed"]
+    out = {}
+    if final is not None:
+        out["final"] = paired_difference(mine["test_bpb"],
+                                         methods[final]["per_seed"]["test_bpb"])
+    if at_compute is not None:
+        key = "test_bpb_at_uniform_compute"
+        out["at_uniform_compute"] = paired_difference(mine[key],
+                                                      methods[at_compute]["per_seed"][key])
+    return out
 
 
 def summarise(runs: dict, roles: dict, train_iters: int) -> dict:
@@ -103,8 +117,9 @@ def summarise(runs: dict, roles: dict, train_iters: int) -> dict:
     Per method: its per-seed figures and their means; with uniform run, the crossings of
     uniform's final test_bpb and the test_bpb at uniform's compute, and the paired
     differences (mean and 95% interval over seeds) to uniform and to the best baseline at
-    equal steps (final) and at equal compute; with the oracle run too, the share of the
-    uniform -> oracle gap each method closes."""
+    equal steps (final) and at equal compute (the best baseline at equal compute is chosen
+    among those with a model within uniform's compute, on their selection-split loss there);
+    with the oracle run too, the share of the uniform -> oracle gap each method closes."""
     uniform = runs.get("uniform")
     oracle = runs.get("oracle")
     methods = {}
@@ -121,14 +136,16 @@ def summarise(runs: dict, roles: dict, train_iters: int) -> dict:
         methods[name] = {"role": roles[name], "per_seed": per_seed,
                          "mean": {key: mean_of(values) for key, values in per_seed.items()}}
     best = best_baseline(methods)
+    best_at_compute = best_baseline(methods, "selection_loss_at_uniform_compute")
     for name, method in methods.items():
         if uniform is not None:
-            method["vs_uniform"] = _paired(methods, name, "uniform")
-            if best is not None:
-                method["vs_best_baseline"] = _paired(methods, name, best)
+            method["vs_uniform"] = _paired(methods, name, "uniform", "uniform")
+            if best is not None or best_at_compute is not None:
+                method["vs_best_baseline"] = _paired(methods, name, best, best_at_compute)
             if oracle is not None:
                 method["oracle_gap_closed"] = mean_interval(method["per_seed"]["oracle_gap_closed"])
-    return {"best_baseline": best, "methods": methods}
+    return {"best_baseline": best, "best_baseline_at_uniform_compute": best_at_compute,
+            "methods": methods}
 
 
 COMPUTE_GOAL = 0.70
@@ -145,10 +162,16 @@ def goals(summary: dict) -> tuple[dict, dict]:
         return met, figures
     blade = methods["blade"]["per_seed"]
     baselines = [name for name, m in methods.items() if m["role"] == "baseline"]
+    # A baseline with no model within uniform's compute on any seed (a static reference's
+    # budget alone exceeds it) is no rival at that budget: named, not judged.
+    absent = [name for name in baselines
+              if all(v is None for v in methods[name]["per_seed"]["test_bpb_at_uniform_compute"])]
+    figures["baselines_without_a_model_at_uniform_compute"] = absent
     for setting, key in (("equal_compute", "test_bpb_at_uniform_compute"),
                          ("equal_steps", "test_bpb")):
+        judged = [n for n in baselines if not (setting == "equal_compute" and n in absent)]
         intervals = {name: paired_difference(blade[key], methods[name]["per_seed"][key])
-                     for name in baselines}
+                     for name in judged}
         figures[f"blade_minus_baseline_test_bpb_at_{setting}"] = intervals
         met[f"blade_beats_every_baseline_at_{setting}"] = bool(intervals) and all(
             below_zero(i) for i in intervals.values())
