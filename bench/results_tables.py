@@ -1,5 +1,5 @@
-"""Markdown tables of the selection-quality run files (bench/results/*.json), and the README's
-results section made from them.
+"""Markdown tables of the run files in bench/results/ (selection quality, each with its goals;
+selection overhead), and the README's results section made from them.
 
     python bench/results_tables.py                 # print the tables
     python bench/results_tables.py --write-readme  # rewrite README.md between the markers
@@ -106,11 +106,77 @@ def regime_table(result: dict, path: str) -> str:
     return "\n".join(lines)
 
 
-def section(results: list[tuple[str, dict]]) -> str:
+GOAL_NAMES = {
+    "blade_beats_every_baseline_at_equal_compute":
+        "blade beats every baseline at uniform's compute (each 95% interval below 0)",
+    "blade_beats_every_baseline_at_equal_steps":
+        "blade beats every baseline at equal steps (each 95% interval below 0)",
+    "blade_compute_to_uniform_final_le_0.70":
+        "blade reaches uniform's final test bpb with ≤ 0.70× its compute on every seed",
+    "blade_noise_lt_third_of_uniform": "blade's off-target share below a third of uniform's",
+    "oracle_gap_closed_ge_0.8": "blade closes ≥ 80% of the uniform → oracle gap",
+}
+
+
+def goals_line(result: dict) -> str:
+    """The run file's goals, each met or not met, in words."""
+    goals = result.get("goals") or {}
+    if not goals:
+        return ""
+    parts = [f"{GOAL_NAMES.get(name, name)}: **{'met' if met else 'not met'}**"
+             for name, met in goals.items()]
+    return "Goals (the run file's `goals`): " + "; ".join(parts) + "."
+
+
+def overhead_table(result: dict, path: str) -> str:
+    """A bench/selection_overhead.py run file: measured over analytic cost per case."""
+    command = result.get("command", {})
+    commit = (command.get("commit") or "unknown")[:10] + (" (dirty)" if command.get("dirty")
+                                                          else "")
+    settings = result.get("settings", {})
+    shape = settings.get("model_flags") or f"--model-size {settings.get('model_size')}"
+    base = result["cases"].get("uniform", {}).get("step_time")
+    lines = [f"**Cost per step**, learner `{shape}`, {settings.get('steps')} steps "
+             f"(uniform {value(base and base * 1000, 0)} ms/step). `{_display_path(path)}`, "
+             f"commit {commit}, {command.get('date', '?')}: `{command.get('command', '?')}`",
+             "",
+             "| case | reference | measured | analytic | measured / analytic |",
+             "|---|---|---|---|---|"]
+    for name, case in result["cases"].items():
+        lines.append(f"| {name} | {case.get('reference_model') or '—'} | "
+                     f"{value(case.get('measured'), 2, '×')} | "
+                     f"{value(case.get('analytic'), 2, '×')} | "
+                     f"{value(case.get('measured_over_analytic'), 2)} |")
+    default = result.get("goal_default_path_le_1.15")
+    if default is not None:
+        lines += ["", "Goal (blade at its defaults, measured / analytic ≤ 1.15): "
+                  f"**{'met' if default else 'not met'}**."]
+    return "\n".join(lines)
+
+
+def load_overheads(directory: str = RESULTS_DIR) -> list[tuple[str, dict]]:
+    """(path, result) of every bench/selection_overhead.py run file, by file name."""
+    found = []
+    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
+        with open(path) as f:
+            result = json.load(f)
+        if result.get("bench") == "selection_overhead":
+            found.append((path, result))
+    return found
+
+
+def section(results: list[tuple[str, dict]], overheads: list[tuple[str, dict]] = ()) -> str:
     """What goes between the README's markers."""
-    if not results:
+    if not results and not overheads:
         return NOTHING_YET
-    return "\n\n".join(regime_table(result, path) for path, result in results)
+    parts = []
+    for path, result in results:
+        parts.append(regime_table(result, path))
+        line = goals_line(result)
+        if line:
+            parts.append(line)
+    parts += [overhead_table(result, path) for path, result in overheads]
+    return "\n\n".join(parts)
 
 
 def replace_section(text: str, generated: str) -> str:
@@ -136,7 +202,7 @@ def main(argv=None) -> int:
     p.add_argument("--write-readme", action="store_true",
                    help="rewrite the README's section between the results markers")
     args = p.parse_args(argv)
-    generated = section(load_results(args.results_dir))
+    generated = section(load_results(args.results_dir), load_overheads(args.results_dir))
     if not args.write_readme:
         print(generated)
         return 0

@@ -131,7 +131,7 @@ def main() -> None:
               f"ratio {row['measured_over_analytic']:.2f}")
     goal = all(r["measured_over_analytic"] <= 1.15 for n, r in rows.items() if n in JUDGED)
     default = [r["measured_over_analytic"] <= 1.15 for n, r in rows.items() if n in DEFAULT_PATH]
-    out = {"settings": vars(args), "cases": rows, "goal_ratio_le_1.15": goal,
+    out = {"bench": "selection_overhead", "settings": vars(args), "cases": rows, "goal_ratio_le_1.15": goal,
            "goal_default_path_le_1.15": all(default) if default else None}
     if args.results:
         os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)

@@ -88,12 +88,12 @@ def test_write_readme_replaces_only_the_marked_section(results_dir, tmp_path):
 def test_the_readme_section_is_what_the_run_files_make():
     """Fails when a run file landed without `python bench/results_tables.py --write-readme`
     (or the README's section was edited by hand)."""
-    results = rt.load_results()
-    if not results:
+    results, overheads = rt.load_results(), rt.load_overheads()
+    if not results and not overheads:
         pytest.skip("bench/results/ has no run files yet, so nothing generates the README's "
                     "results section")
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        assert rt.readme_section(f.read()) == rt.section(results), \
+        assert rt.readme_section(f.read()) == rt.section(results, overheads), \
             "README.md's results section is stale: run python bench/results_tables.py " \
             "--write-readme"
 
@@ -101,5 +101,31 @@ def test_the_readme_section_is_what_the_run_files_make():
 def test_the_readme_has_the_markers_and_the_empty_section():
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
         section = rt.readme_section(f.read())
-    if not rt.load_results():
+    if not rt.load_results() and not rt.load_overheads():
         assert section == rt.NOTHING_YET
+
+
+def test_each_table_says_which_goals_were_met(results_dir):
+    text = rt.section(rt.load_results(results_dir))
+    # the synthetic runs: equal steps met, the oracle gap (2/3) not
+    assert "blade beats every baseline at equal steps (each 95% interval below 0): **met**" in text
+    assert "blade closes ≥ 80% of the uniform → oracle gap: **not met**" in text
+
+
+def test_an_overhead_run_file_becomes_its_own_table(tmp_path):
+    overhead = {"bench": "selection_overhead",
+                "settings": {"model_size": "demo", "model_flags": "", "steps": 40},
+                "cases": {"uniform": {"step_time": 0.25, "measured": 1.0, "analytic": 1.0,
+                                      "measured_over_analytic": 1.0, "reference_model": None},
+                          "blade-sample": {"step_time": 0.5, "measured": 2.0, "analytic": 1.7,
+                                           "measured_over_analytic": 2.0 / 1.7,
+                                           "reference_model": "tiny"}},
+                "goal_default_path_le_1.15": False,
+                "command": {"command": "python bench/selection_overhead.py", "commit": "abc"}}
+    with open(tmp_path / "selection_overhead_demo.json", "w") as f:
+        json.dump(overhead, f)
+    [(path, result)] = rt.load_overheads(str(tmp_path))
+    assert rt.load_results(str(tmp_path)) == []
+    text = rt.section([], [(path, result)])
+    assert "| blade-sample | tiny | 2.00× | 1.70× | 1.18 |" in text
+    assert "uniform 250 ms/step" in text and "**not met**" in text
