@@ -191,6 +191,11 @@ def build_parser(exit_on_error: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--sidecar-half-life", type=int, default=0, metavar="STEPS",
                    help="the sidecar forgets: a selection round's weight in its counts (and so "
                         "in the keep rates) halves every STEPS steps (0: counts never forget)")
+    g.add_argument("--sidecar-prior", choices=("none", "classifier"), default="none",
+                   help="what a document's keep rate is before it is scored: none (1/2), or "
+                        "classifier: its P(target) from the static classifier's scores beside "
+                        "each --data-path dataset (tools/score_documents.py), a prior worth two "
+                        "selection rounds")
     g.add_argument("--redraw-gap", type=int, default=0, metavar="STEPS",
                    help="the reweighted share draws no sample whose main document was trained "
                         "in the last STEPS steps (0: off)")

@@ -63,6 +63,7 @@ class DataConfig:
     noise_labels: Optional[str]
     # (defaults: configs saved before these fields existed load as before)
     sidecar_half_life: int = 0       # steps for a selection round's weight to halve; 0: never
+    sidecar_prior: str = "none"      # keep rates before scoring: none (1/2) or classifier
     redraw_gap: int = 0              # steps a trained document is not drawn again; 0: off
 
 
@@ -401,6 +402,10 @@ def _data_section(flags: argparse.Namespace, check_files: bool) -> DataConfig:
         if value < 0:
             raise UserError(f"{flag} {value} must be >= 0 steps (0: {zero})")
 
+    if flags.sidecar_prior != "none" and flags.reweight_mix == 0:
+        raise UserError(f"--sidecar-prior {flags.sidecar_prior} acts through the reweighted "
+                        "share of each block, which --reweight-mix 0 turns off; give a mix > 0")
+
     def words(value):
         return None if value is None else tuple(value)
 
@@ -411,7 +416,8 @@ def _data_section(flags: argparse.Namespace, check_files: bool) -> DataConfig:
         test_data_path=flags.test_data_path, seq_length=flags.seq_length,
         micro_batch_size=flags.micro_batch_size, global_batch_size=flags.global_batch_size,
         seed=flags.seed, reweight_mix=flags.reweight_mix, noise_labels=flags.noise_labels,
-        sidecar_half_life=flags.sidecar_half_life, redraw_gap=flags.redraw_gap)
+        sidecar_half_life=flags.sidecar_half_life, redraw_gap=flags.redraw_gap,
+        sidecar_prior=flags.sidecar_prior)
 
 
 def _fields(section, flags: argparse.Namespace) -> dict:

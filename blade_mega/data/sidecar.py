@@ -19,6 +19,11 @@ reference fade. Forward decay keeps that O(block log n): a round is stored weigh
 weights could overflow float32, every row is rescaled once by a power of two (exact) and the
 reference step moves up; rows that decayed below float32's range are dropped then.
 
+A prior (``--sidecar-prior classifier``) replaces the 1/2 that a never-scored document's keep
+rate starts from by a per-document probability (a static classifier's P(target), memory-mapped
+beside the dataset): rates are (kept + 2p) / (scored + 2), the prior worth two rounds. It is
+read, not stored: the saved rows are the same with or without it.
+
 On disk (``<dataset>.blade_sidecar.npy``): one structured array sorted by document, memory-mapped
 when read, and a ``.json`` beside it naming the dataset's document count (and, with a half-life,
 the half-life and reference step the stored rows are weighted against).
@@ -49,13 +54,24 @@ class _Level:
         self.table = table          # [n, 3] float32
 
 
+# A prior probability is clipped into this range, so that no document is certain either way
+# before it is scored and the rejection sampler's acceptance rate stays bounded away from 0.
+PRIOR_RANGE = (0.01, 0.99)
+
+
 class Sidecar:
-    def __init__(self, num_documents: int, half_life: int = 0):
-        """``half_life``: steps after which a round weighs half (0: counts never forget)."""
+    def __init__(self, num_documents: int, half_life: int = 0,
+                 prior: Optional[np.ndarray] = None):
+        """``half_life``: steps after which a round weighs half (0: counts never forget);
+        ``prior``: [num_documents] probabilities a document's keep rate starts from (None: 1/2)."""
         if half_life < 0:
             raise ValueError("half_life must be >= 0")
         self.num_documents = int(num_documents)
         self.half_life = int(half_life)
+        if prior is not None and len(prior) != self.num_documents:
+            raise ValueError(f"a prior of {len(prior)} documents for a sidecar of "
+                             f"{self.num_documents}")
+        self.prior = prior
         self.reference_step = 0  # stored rows hold sum_i x_i 2^((t_i - reference_step) / h)
         self._levels: list[_Level] = []
 
@@ -148,12 +164,19 @@ class Sidecar:
 
     def keep_rate(self, documents: np.ndarray, step: Optional[int] = None) -> np.ndarray:
         """Smoothed fraction of times each document was kept, (kept + 1) / (scored + 2) of the
-        counts as of ``step``; 0.5 for documents never scored (or long forgotten)."""
+        counts as of ``step``; 0.5 for documents never scored (or long forgotten). With a prior
+        p: (kept + 2p) / (scored + 2), p for documents never scored."""
         if not self.half_life:
             rows = self.rows(documents)
-            return (rows[:, KEPT].astype(np.float64) + 1.0) / (rows[:, SCORED] + 2.0)
-        rows = self.decayed_rows(documents, step)
-        return (rows[:, KEPT] + 1.0) / (rows[:, SCORED] + 2.0)
+            kept, scored = rows[:, KEPT].astype(np.float64), rows[:, SCORED]
+        else:
+            rows = self.decayed_rows(documents, step)
+            kept, scored = rows[:, KEPT], rows[:, SCORED]
+        if self.prior is None:
+            return (kept + 1.0) / (scored + 2.0)
+        prior = np.clip(np.asarray(self.prior[np.asarray(documents, dtype=np.int64)],
+                                   dtype=np.float64), *PRIOR_RANGE)
+        return (kept + 2.0 * prior) / (scored + 2.0)
 
     def sorted_rows(self) -> tuple[np.ndarray, np.ndarray]:
         """(documents, [n, 3] table) of every scored document, sorted by document."""

@@ -56,17 +56,20 @@ class SelectionRecord:
 
     ``samples`` needs ``main_documents(ids)`` (and ``num_documents``/``prefixes`` for the
     sidecar files); ``noise_labels`` are per document of dataset 0, or None; ``half_life`` is
-    the sidecars' (0: counts never forget).
+    the sidecars' (0: counts never forget); ``priors`` per dataset the probabilities keep rates
+    start from (None: 1/2).
 
     Rounds are stamped with ``step``, the loop's current step, which the trainer sets before
     each step (``begin_step``), so hooks report rounds without passing it.
     """
 
     def __init__(self, samples: SampleIndex, noise_labels: Optional[np.ndarray] = None,
-                 noise_names: tuple[str, ...] = (), half_life: int = 0, redraw_gap: int = 0):
+                 noise_names: tuple[str, ...] = (), half_life: int = 0, redraw_gap: int = 0,
+                 priors: Optional[list] = None):
         self.samples = samples
         self.half_life = half_life
-        self.sidecars = [Sidecar(samples.num_documents(part), half_life)
+        self.priors = priors or [None] * len(samples.datasets)
+        self.sidecars = [Sidecar(samples.num_documents(part), half_life, self.priors[part])
                          for part in range(len(samples.datasets))]
         self.recently_trained = RecentlyTrained(redraw_gap, len(samples.datasets)) \
             if redraw_gap else None
@@ -170,4 +173,5 @@ class SelectionRecord:
                 raise UserError(f"{path}: the sidecar was saved with --sidecar-half-life "
                                 f"{sidecar.half_life}, this run has {self.half_life}; resume "
                                 "with the half-life it was trained with")
+            sidecar.prior = self.priors[part]  # read from the dataset, never saved
             self.sidecars[part] = sidecar

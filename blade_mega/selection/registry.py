@@ -70,12 +70,16 @@ class MethodSpec:
     # Analytic cost of one step in learner training steps (1: no overhead; a forward is 1/3).
     cost: Callable[[RunConfig], float] = training_only
 
-    def build(self, ctx):
+    def selector_class(self):
+        """The selection hook's class (or callable), imported if named as "module:Class"."""
         selector = self.selector
         if isinstance(selector, str):
             module, _, name = selector.partition(":")
             selector = getattr(importlib.import_module(module), name)
-        return selector(ctx)
+        return selector
+
+    def build(self, ctx):
+        return self.selector_class()(ctx)
 
 
 _METHODS: dict[str, MethodSpec] = {}

@@ -108,9 +108,22 @@ class Trainer:
             mp=parallel_state.get_model_parallel_group(),
             is_last_stage=parallel_state.is_pipeline_last_stage(),
             pp_size=parallel_state.get_pipeline_model_parallel_world_size())
+        priors = None
+        if data.sidecar_prior != "none" and \
+                not getattr(config.method_spec.selector_class(), "keeps_sidecar", False):
+            raise UserError(f"--sidecar-prior {data.sidecar_prior}: --selection "
+                            f"{config.selection.method} keeps no sidecar, so no keep rates start "
+                            "from the prior; drop the flag or select with a method that keeps "
+                            "one (blade, rho, classifier, ...)")
+        if data.sidecar_prior == "classifier":
+            from blade_mega.data.document_scores import read_scores
+
+            priors = [read_scores(prefix, self.train_data.num_documents(part))
+                      for part, prefix in enumerate(self.train_data.prefixes)]
         record = SelectionRecord(self.train_data,
                                  *load_noise_labels(data.noise_labels, self.train_data),
-                                 half_life=data.sidecar_half_life, redraw_gap=data.redraw_gap)
+                                 half_life=data.sidecar_half_life, redraw_gap=data.redraw_gap,
+                                 priors=priors)
         self.record = record
         # Analytic FLOPs by role (train/flops.py), over the padded vocab the model computes.
         self.flops = FlopCounter(padded_vocab_size(self.vocab, layout.tp,
