@@ -119,7 +119,8 @@ def main() -> None:
                       "analytic": (last["total"] - first["total"])
                       / (last["learner"] - first["learner"]),
                       "analytic_passes": analytic_ratio(argv),
-                      "reference_model": start.get("reference_model"),
+                      # what the run resolved --reference-model to (None: no reference)
+                      "reference_model": start.get("reference_model") if flags else None,
                       "hook_time_share": float(np.mean([r.get("hook_time_share", 0.0)
                                                         for r in train[1:]]))}
         print(f"{name:16s} {step_time * 1000:8.1f} ms/step", flush=True)
