@@ -125,7 +125,10 @@ def goals_line(result: dict) -> str:
         return ""
     parts = [f"{GOAL_NAMES.get(name, name)}: **{'met' if met else 'not met'}**"
              for name, met in goals.items()]
-    return "Goals (the run file's `goals`): " + "; ".join(parts) + "."
+    baselines = [name for name, m in result.get("methods", {}).items()
+                 if m.get("role") == "baseline"]
+    return (f"Goals (the run file's `goals`; baselines run: {', '.join(baselines) or 'none'}): "
+            + "; ".join(parts) + ".")
 
 
 def overhead_table(result: dict, path: str) -> str:

@@ -86,10 +86,13 @@ def test_a_prior_for_a_method_without_a_sidecar_is_refused_in_one_line(demo_data
 
     from test_faults import env, single_process, train_flags
 
+    from blade_mega.testing import free_port
+
     out = subprocess.run(single_process() + train_flags(demo_data, str(tmp_path),
                                                         "--selection", "random",
                                                         "--sidecar-prior", "classifier"),
-                         capture_output=True, text=True, env=env(), timeout=300)
+                         capture_output=True, text=True, timeout=300,
+                         env=dict(env(), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())))
     assert out.returncode != 0
     lines = [line for line in out.stderr.splitlines() if "--sidecar-prior" in line]
     assert len(lines) == 1 and "keeps no sidecar" in lines[0], out.stderr[-2000:]
