@@ -27,14 +27,20 @@ REGIME_ORDER = ("scratch", "continued", "domain-shift")
 NOTHING_YET = "_No run files in `bench/results/` yet._"
 
 
-def load_results(directory: str = RESULTS_DIR) -> list[tuple[str, dict]]:
-    """(path, result) of every selection-quality run file, by regime then file name."""
+def _run_files(directory: str, bench: str) -> list[tuple[str, dict]]:
+    """(path, result) of every run file of ``bench`` in ``directory``, by file name."""
     found = []
     for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
         with open(path) as f:
             result = json.load(f)
-        if result.get("bench") == "selection_quality":
+        if result.get("bench") == bench:
             found.append((path, result))
+    return found
+
+
+def load_results(directory: str = RESULTS_DIR) -> list[tuple[str, dict]]:
+    """(path, result) of every selection-quality run file, by regime then file name."""
+    found = _run_files(directory, "selection_quality")
 
     def order(item):
         regime = item[1]["regime"]
@@ -160,13 +166,7 @@ def overhead_table(result: dict, path: str) -> str:
 
 def load_overheads(directory: str = RESULTS_DIR) -> list[tuple[str, dict]]:
     """(path, result) of every bench/selection_overhead.py run file, by file name."""
-    found = []
-    for path in sorted(glob.glob(os.path.join(directory, "*.json"))):
-        with open(path) as f:
-            result = json.load(f)
-        if result.get("bench") == "selection_overhead":
-            found.append((path, result))
-    return found
+    return _run_files(directory, "selection_overhead")
 
 
 def section(results: list[tuple[str, dict]], overheads: list[tuple[str, dict]] = ()) -> str:
